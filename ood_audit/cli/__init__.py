@@ -1,0 +1,1 @@
+"""The Typer command line. Only this package imports Typer; nothing else imports it."""

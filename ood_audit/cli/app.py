@@ -1,0 +1,83 @@
+"""The ``ood-audit`` Typer app: dispatches to one module per subcommand.
+
+Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a user error
+(bad option, missing or corrupt file, unknown name), printed as one line saying what to
+do; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import GateFailed, UserError
+from . import decompose_cmd, report_cmd, score_cmd, train_cmd
+
+app = typer.Typer(
+    name="ood-audit",
+    help=(
+        "Audit deep generative models as out-of-distribution detectors.\n\n"
+        "Deep generative models often give OOD inputs HIGHER likelihood than their own "
+        "data (Nalisnick et al., ICLR 2019). Typical use:\n\n"
+        "  ood-audit train --model glow --data fashionmnist\n\n"
+        "  ood-audit score --ood mnist --ood noise-uniform\n\n"
+        "  ood-audit decompose\n\n"
+        "  ood-audit report --gate 'mnist:auroc>=0.9'"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ood-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Audit deep generative models as OOD detectors."""
+
+
+app.command("train")(train_cmd.train)
+app.command("score")(score_cmd.score)
+app.command("decompose")(decompose_cmd.decompose)
+app.command("report")(report_cmd.report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: user errors become one line on stderr and exit 2."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+    except GateFailed as exc:
+        print(f"gate failed: {exc}", file=sys.stderr)
+        sys.exit(GateFailed.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # click turns Ctrl-C inside a command into Abort
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors (bad option) -> exit 2 with one line
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    # standalone_mode=False hands back --help's and typer.Exit's exit code as the value.
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,184 @@
+"""Configuration dataclasses and their loading from YAML / dicts.
+
+YAML and CLI flags are parsed at the edge into these dataclasses; unknown keys and
+wrong types are a :class:`~ood_audit.errors.UserError` naming the key, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    ``where`` names the source (a file, ``model_config``...) in error messages.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of keys for {cls.__name__}, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}: {key}")
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError, UserError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return obj
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint (int/float/str/bool/Optional/dict/dataclass)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-3 as a string (YAML 1.1); accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML mapping, turning I/O and syntax errors into one-line user errors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass as a plain dict (for YAML/JSON)."""
+    return dataclasses.asdict(obj)
+
+
+def require_positive(**values: int | float | None) -> None:
+    """Raise a UserError naming the first value that is zero or negative."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class TrainConfig:
+    """How ``ood-audit train`` optimises a model."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200  # linear learning-rate warm-up (Glow)
+    max_grad_norm: float = 50.0  # clip the global gradient norm
+    weight_decay: float = 0.0
+    seed: int = 0
+    limit: int | None = None  # train on the first N images only
+    test_limit: int | None = 2000  # test images scored after each epoch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    keep_checkpoints: str = "all"  # all | last | every:N  (per-epoch copies, for over-training)
+    max_bad_steps: int = 20  # consecutive non-finite steps before training stops
+
+    def __post_init__(self) -> None:
+        require_positive(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            max_grad_norm=self.max_grad_norm, limit=self.limit, test_limit=self.test_limit,
+            max_bad_steps=self.max_bad_steps,
+        )
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise UserError("warmup_steps and weight_decay must be zero or positive")
+        keep_every(self.keep_checkpoints)  # validates
+
+
+def keep_every(policy: str) -> int | None:
+    """Parse a keep_checkpoints policy: every N epochs (all = 1), or None for last only."""
+    if policy == "all":
+        return 1
+    if policy == "last":
+        return None
+    if policy.startswith("every:"):
+        try:
+            n = int(policy.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n > 0:
+            return n
+    raise UserError(f"keep_checkpoints must be all, last or every:N (N > 0), got {policy!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved as the run's ``config.yaml``."""
+
+    model: str = "glow"
+    preset: str = "small"
+    data: str = "fashionmnist"
+    model_config: dict = field(default_factory=dict)  # overrides of the preset's values
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,111 @@
+"""The one registry of data sets, the data root, and ``load_dataset``.
+
+:data:`DATASETS` is the single list of named sets; the CLI builds its choices and help
+text from it. :func:`load_dataset` also takes a path to a ``.npy``/``.npz`` file or a
+folder of images (see :mod:`ood_audit.data.user_files`). Registry names win over a
+file or folder of the same name.
+
+Every loader has the internal signature
+``loader(split, *, root, download, limit, shape, seed) -> ImageSet`` and ignores the
+arguments it has no use for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .images import ImageSet
+from .synthetic import make_loader
+from .torchvision_sets import load_fashionmnist, load_mnist
+from .user_files import ARRAY_SUFFIXES, IMAGE_SUFFIXES, load_user_data
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One registered data set."""
+
+    name: str
+    summary: str  # one line, shown in --help
+    shape: tuple[int, int, int] | None  # native (C, H, W); None: takes the model's shape
+    splits: tuple[str, ...]
+    loader: Callable[..., ImageSet]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("fashionmnist", "Fashion-MNIST clothing, 28x28 gray, 60k train / 10k test",
+                    (1, 28, 28), SPLITS, load_fashionmnist),
+        DatasetSpec("mnist", "MNIST handwritten digits, 28x28 gray, 60k train / 10k test",
+                    (1, 28, 28), SPLITS, load_mnist),
+        DatasetSpec("noise-uniform", "uniform noise: each pixel uniform in 0..255, model's shape",
+                    None, SPLITS, make_loader("noise-uniform")),
+        DatasetSpec("noise-gaussian",
+                    "Gaussian noise: pixels round(N(127.5, 64^2)) clipped to 0..255, "
+                    "model's shape", None, SPLITS, make_loader("noise-gaussian")),
+        DatasetSpec("constant", "constant images: each one value uniform in 0..255, "
+                    "model's shape", None, SPLITS, make_loader("constant")),
+    )
+}
+
+
+def data_root(explicit: Path | None = None) -> Path:
+    """Where named data sets live: ``--data-root`` > ``$OOD_AUDIT_DATA`` > per-user cache.
+
+    The cache is ``$XDG_CACHE_HOME/ood-audit/data``, else ``~/.cache/ood-audit/data``.
+    Nothing is created here; ``--download`` creates folders as it needs them.
+    """
+    if explicit is not None and str(explicit) != "":
+        return Path(explicit).expanduser()
+    env = os.environ.get("OOD_AUDIT_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    return base / "ood-audit" / "data"
+
+
+def load_dataset(name_or_path: str, split: str = "test", *, root: Path | None = None,
+                 download: bool = False, limit: int | None = None,
+                 shape: tuple[int, int, int] | None = None, seed: int = 0) -> ImageSet:
+    """Load a registered set by name, or the user's .npy/.npz file or image folder.
+
+    ``limit`` keeps the first N images (N positive); ``shape`` (the model's (C, H, W)) is
+    required by synthetic sets and ignored by the others (see ``adapt_to_shape``);
+    ``seed`` drives synthetic sets only; ``download`` applies to torchvision sets only.
+    """
+    name = str(name_or_path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit <= 0):
+        raise UserError(f"limit must be a positive number of images, got {limit!r}")
+    spec = DATASETS.get(name)
+    if spec is None:
+        if Path(name).expanduser().exists():
+            _check_split(name, split, SPLITS)
+            return load_user_data(name, split, limit)
+        raise UserError(_unknown_message(name))
+    _check_split(name, split, spec.splits)
+    return spec.loader(split, root=data_root(root), download=download, limit=limit,
+                       shape=shape, seed=seed)
+
+
+def _check_split(name: str, split: str, splits: tuple[str, ...]) -> None:
+    if split not in splits:
+        raise UserError(f"unknown split {split!r} for {name}; choose one of {', '.join(splits)}")
+
+
+def _unknown_message(name: str) -> str:
+    names = ", ".join(DATASETS)
+    looks_like_path = (os.sep in name or "/" in name
+                       or Path(name).suffix.lower() in ARRAY_SUFFIXES + IMAGE_SUFFIXES)
+    if looks_like_path:
+        return (f"{name}: no such file or folder; pass a path to a .npy/.npz file or a folder "
+                f"of images, or a data set name: {names}")
+    return (f"unknown data set {name!r}; choose one of {names}, or pass a path to a .npy/.npz "
+            f"file or a folder of images")

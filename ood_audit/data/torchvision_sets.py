@@ -1,0 +1,82 @@
+"""Loaders for the data sets torchvision reads from its raw on-disk layout.
+
+MNIST and Fashion-MNIST are read with ``torchvision.datasets.MNIST`` / ``FashionMNIST``
+from ``ROOT/<Class>/raw/`` (uncompressed IDX files), using the dataset's ``.data`` and
+``.targets`` tensors directly: no per-item PIL decoding. Missing files, failed
+downloads and unreadable files become one-line :class:`~ood_audit.errors.UserError`
+messages naming the folder looked in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .images import ImageSet
+
+
+def load_mnist(split: str, *, root: Path, download: bool = False, limit: int | None = None,
+               **_: object) -> ImageSet:
+    """MNIST digits, uint8 [N, 1, 28, 28], labels 0..9."""
+    from torchvision.datasets import MNIST
+
+    return _load_idx(MNIST, "mnist", split, root, download, limit)
+
+
+def load_fashionmnist(split: str, *, root: Path, download: bool = False,
+                      limit: int | None = None, **_: object) -> ImageSet:
+    """Fashion-MNIST clothing, uint8 [N, 1, 28, 28], labels 0..9."""
+    from torchvision.datasets import FashionMNIST
+
+    return _load_idx(FashionMNIST, "fashionmnist", split, root, download, limit)
+
+
+def _load_idx(cls: type, name: str, split: str, root: Path, download: bool,
+              limit: int | None) -> ImageSet:
+    title = cls.__name__
+    raw = Path(root) / title / "raw"
+    try:
+        ds = cls(root=str(root), train=(split == "train"), download=download)
+    except OSError as exc:  # URLError is an OSError; also an unwritable root or unreadable file
+        if not download:
+            raise UserError(f"could not read {title} from {raw} ({_one_line(exc)}): check the "
+                            f"files' permissions, or pass --data-root DIR") from None
+        raise UserError(
+            f"could not download {title} into {raw} ({_one_line(exc)}): check the network, "
+            f"or copy the raw IDX files there and drop --download"
+        ) from None
+    except RuntimeError as exc:
+        message = str(exc)
+        if message.startswith("Dataset not found"):
+            raise UserError(
+                f"{title} not found in {raw}: pass --data-root DIR or set OOD_AUDIT_DATA to a "
+                f"folder holding {title}/raw, or add --download"
+            ) from None
+        if message.startswith("Error downloading"):
+            raise UserError(
+                f"could not download {title} into {raw} (no network?): copy the raw IDX files "
+                f"there yourself, or retry --download when online"
+            ) from None
+        # torchvision's reader fails with RuntimeError when the IDX header and size disagree
+        raise _corrupt(title, raw, exc) from None
+    except (AssertionError, TypeError, ValueError) as exc:  # torchvision's IDX header checks
+        raise _corrupt(title, raw, exc) from None
+
+    images = ds.data  # uint8 [N, 28, 28]
+    labels = ds.targets.long()  # int64 [N]
+    if limit is not None and limit < len(images):
+        images, labels = images[:limit].clone(), labels[:limit].clone()  # drop the full storage
+    return ImageSet(name=name, split=split, images=images.unsqueeze(1).contiguous(), labels=labels)
+
+
+def _corrupt(title: str, raw: Path, exc: BaseException) -> UserError:
+    detail = _one_line(exc) or type(exc).__name__
+    return UserError(
+        f"{title} files in {raw} could not be read ({detail}): they look truncated or corrupt; "
+        f"copy them again, or delete them and add --download"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

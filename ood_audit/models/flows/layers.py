@@ -1,0 +1,319 @@
+"""Invertible layers of Glow (Kingma & Dhariwal, "Glow: Generative Flow with Invertible
+1x1 Convolutions", NeurIPS 2018) and its multi-scale priors.
+
+Every :class:`FlowLayer` follows one contract (after bayesiains/nflows), so a composite can
+sum per-layer log-determinants into named terms without special cases. Images are
+``[B, C, H, W]`` tensors throughout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 or wider: log-dets are never accumulated in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _per_sample(value: Tensor, batch: int) -> Tensor:
+    """A scalar log-det broadcast to a fresh ``[B]`` tensor (keeps its gradient)."""
+    value = _wide(value)
+    return value * torch.ones(batch, dtype=value.dtype, device=value.device)
+
+
+def gaussian_log_density(z: Tensor, mean: Tensor, logs: Tensor) -> Tensor:
+    """Sum over all non-batch dims of log N(z; mean, exp(logs)^2), shape ``[B]``.
+
+    Includes the ``-0.5 * log(2 pi)`` constant per dimension, so it is a true density.
+    """
+    z, mean, logs = _wide(z), _wide(mean), _wide(logs)
+    log_density = -0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
+    return log_density.flatten(1).sum(1)
+
+
+class FlowLayer(nn.Module):
+    """An invertible map with a tractable Jacobian determinant.
+
+    Direction: ``forward`` maps data -> latent, ``inverse`` maps latent -> data.
+
+    - ``forward(x) -> (z, logabsdet)``: ``logabsdet = log|det dz/dx|`` per sample.
+    - ``inverse(z) -> (x, logabsdet)``: ``logabsdet = log|det dx/dz|`` per sample, so the
+      forward and inverse log-dets of a round trip cancel.
+
+    ``logabsdet`` is always a float tensor of shape ``[B]`` (zeros when the map is
+    volume-preserving), never ``None`` or a scalar.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # abstract
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # abstract
+
+
+class ActNorm(FlowLayer):
+    """Per-channel affine ``z = (x + bias) * exp(logs)`` (Glow, section 3.1).
+
+    Data-dependent init: the first ``forward`` while ``initialized == 0`` sets
+    ``bias = -mean`` and ``logs = -log(std + 1e-6)`` per channel, so that batch leaves with
+    zero mean and unit variance. ``initialized`` is a registered buffer, so it travels
+    with ``state_dict``/safetensors and a reloaded model is never re-initialised.
+    ``logabsdet = H * W * sum(logs)``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set bias and log-scale from the batch ``x`` and mark the layer initialised."""
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+        self.bias.copy_(-mean)
+        self.logs.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(True)
+
+    def _logabsdet(self, x: Tensor) -> Tensor:
+        return _per_sample(x.shape[2] * x.shape[3] * self.logs.sum(), x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not bool(self.initialized):
+            self.initialize(x)
+        return (x + self.bias) * torch.exp(self.logs), self._logabsdet(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z * torch.exp(-self.logs) - self.bias, -self._logabsdet(z)
+
+
+class InvConv1x1(FlowLayer):
+    """Invertible 1x1 convolution with an LU-decomposed weight (Glow, section 3.2).
+
+    ``W = P @ (L * lower_mask + I) @ (U * upper_mask + diag(sign_s * exp(log_s)))``: ``P``
+    and ``sign_s`` are fixed buffers, ``L``, ``U`` and ``log_s`` are learned, so
+    ``log|det W| = sum(log_s)`` costs O(C). Initialised from a random orthogonal matrix
+    (QR of a Gaussian drawn from torch's global RNG). ``logabsdet = H * W * sum(log_s)``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels))
+        p, lower, upper = torch.linalg.lu(q)
+        s = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        # Masks and identity are derived from ``channels``: not persisted.
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1),
+                             persistent=False)
+        self.register_buffer("upper_mask", torch.triu(torch.ones(channels, channels), 1),
+                             persistent=False)
+        self.register_buffer("eye", torch.eye(channels), persistent=False)
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)))
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.upper_mask + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The ``[C, C]`` matrix ``W`` (forward: ``z[:, i] = sum_j W[i, j] x[:, j]``)."""
+        lower, upper = self._factors()
+        return self.perm @ lower @ upper
+
+    def weight_inverse(self) -> Tensor:
+        """``W^-1`` from triangular solves in float64 (exact up to rounding, never inv(W))."""
+        lower, upper = (f.double() for f in self._factors())
+        eye = self.eye.double()
+        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        # P is a permutation matrix, so P^-1 = P^T.
+        return (upper_inv @ lower_inv @ self.perm.double().T).to(self.log_s.dtype)
+
+    def _logabsdet(self, x: Tensor) -> Tensor:
+        log_det_w = self.log_s.double().sum().to(self.log_s.dtype)
+        return _per_sample(x.shape[2] * x.shape[3] * log_det_w, x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c = x.shape[1]
+        z = F.conv2d(x, self.weight().to(x.dtype).view(c, c, 1, 1))
+        return z, self._logabsdet(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = z.shape[1]
+        x = F.conv2d(z, self.weight_inverse().to(z.dtype).view(c, c, 1, 1))
+        return x, -self._logabsdet(z)
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 conv with zero-initialised weights and bias and a learned per-channel
+    log-scale multiplied by 3 (Glow's ``Conv2dZeros``): starts as the zero map, so
+    couplings start as identity and priors as standard normal."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The factor 3 lets the scale move faster than plain SGD on logs would (Glow code).
+        return self.conv(x) * torch.exp(self.logs * 3.0)
+
+
+class AffineCoupling(FlowLayer):
+    """Affine coupling (Glow, section 3.3; RealNVP).
+
+    ``xa`` (first ``C // 2`` channels) passes through unchanged and conditions ``xb``:
+    ``h = NN(xa)``; ``(shift, log_scale) = _scale_shift(h)``; ``zb = (xb + shift) *
+    exp(log_scale)``. For affine coupling ``log_scale = log sigmoid(raw + 2)`` (Glow's
+    choice: scale in (0, 1), near 0.88 at init). ``h`` is split "cross"-wise like Glow's
+    code: shift = ``h[:, 0::2]``, raw scale = ``h[:, 1::2]``.
+    ``logabsdet = sum over C, H, W of log_scale``.
+
+    NN = Conv3x3(ca -> hidden) -> ReLU -> Conv1x1(hidden -> hidden) -> ReLU ->
+    :class:`ZeroConv2d` (hidden -> ``params_per_channel * cb``), so the layer starts
+    close to identity.
+    """
+
+    #: NN outputs per transformed channel (shift and raw scale).
+    params_per_channel: int = 2
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"coupling needs at least 2 channels, got {channels}")
+        self.ca = channels // 2
+        cb = channels - self.ca
+        self.nn = nn.Sequential(
+            nn.Conv2d(self.ca, hidden, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, kernel_size=1),
+            nn.ReLU(),
+            ZeroConv2d(hidden, self.params_per_channel * cb),
+        )
+        for conv in (self.nn[0], self.nn[2]):
+            # Glow initialises hidden convs with N(0, 0.05) and zero bias.
+            nn.init.normal_(conv.weight, std=0.05)
+            nn.init.zeros_(conv.bias)
+
+    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(shift, log_scale)`` from the NN output; the one method variants override."""
+        shift, raw = h[:, 0::2], h[:, 1::2]
+        return shift, F.logsigmoid(raw + 2.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        xa, xb = x[:, : self.ca], x[:, self.ca :]
+        shift, log_scale = self._scale_shift(self.nn(xa))
+        zb = (xb + shift) * torch.exp(log_scale)
+        return torch.cat([xa, zb], dim=1), _wide(log_scale).flatten(1).sum(1)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        za, zb = z[:, : self.ca], z[:, self.ca :]
+        shift, log_scale = self._scale_shift(self.nn(za))
+        xb = zb * torch.exp(-log_scale) - shift
+        return torch.cat([za, xb], dim=1), -_wide(log_scale).flatten(1).sum(1)
+
+
+class AdditiveCoupling(AffineCoupling):
+    """Additive (volume-preserving) coupling ``zb = xb + shift``: "CV-Glow" of
+    Nalisnick et al. (ICLR 2019, section 5) and NICE. ``logabsdet`` is zeros[B], so the
+    total log-det of a CV-Glow does not depend on x."""
+
+    params_per_channel = 1
+
+    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        # log_scale == 0 exactly: the shared affine path then adds and sums exact zeros.
+        return h, torch.zeros_like(h)
+
+
+class Squeeze(FlowLayer):
+    """Space-to-depth ``[B, C, H, W] -> [B, 4C, H/2, W/2]`` (RealNVP / Glow): a
+    permutation, so ``logabsdet`` is zeros[B]. Output channel ``c * 4 + 2 * i + j`` holds
+    pixel ``(2h + i, 2w + j)`` of input channel ``c``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Squeeze needs even H and W, got {h}x{w}")
+        z = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return z.reshape(b, c * 4, h // 2, w // 2), _zeros(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        b, c4, h, w = z.shape
+        x = z.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c4 // 4, h * 2, w * 2), _zeros(z)
+
+
+def _zeros(x: Tensor) -> Tensor:
+    return torch.zeros(x.shape[0], dtype=_wide(x).dtype, device=x.device)
+
+
+class SplitPrior(nn.Module):
+    """Multi-scale split with a learned conditional prior (Glow; RealNVP section 3.6).
+
+    Not a :class:`FlowLayer`: it factors half the dimensions out of the flow. Given
+    ``z [B, C, H, W]`` it keeps ``z1 = z[:, :C // 2]`` and factors out ``z2 = z[:, C // 2:]``
+    with ``log p(z2 | z1) = log N(z2; mean, exp(logs)^2)``, ``(mean, logs)`` from a
+    zero-initialised :class:`ZeroConv2d` on ``z1`` ("cross" split: mean = ``h[:, 0::2]``).
+    At init the prior is standard normal.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.c1 = channels // 2
+        self.conv = ZeroConv2d(self.c1, 2 * (channels - self.c1))
+
+    def _mean_logs(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.conv(z1)
+        return h[:, 0::2], h[:, 1::2]
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z1, z2, log p(z2 | z1))``; the last has shape ``[B]``."""
+        z1, z2 = z[:, : self.c1], z[:, self.c1 :]
+        mean, logs = self._mean_logs(z1)
+        return z1, z2, gaussian_log_density(z2, mean, logs)
+
+    def inverse(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """Re-join ``z1`` and ``z2`` into ``z`` (the exact inverse of the split)."""
+        return torch.cat([z1, z2], dim=1)
+
+    def sample_z2(self, z1: Tensor, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``z2 ~ N(mean, (temperature * exp(logs))^2)`` given ``z1``."""
+        mean, logs = self._mean_logs(z1)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(logs) * temperature * eps
+
+
+class TopPrior(nn.Module):
+    """Learned diagonal Gaussian over the last level's latent, ``mean`` and ``logs`` of
+    shape ``[1, C, H, W]`` initialised to zero (standard normal at init; Glow's
+    ``learntop``)."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(1, channels, height, width))
+        self.logs = nn.Parameter(torch.zeros(1, channels, height, width))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z), shape ``[B]``."""
+        return gaussian_log_density(z, self.mean, self.logs)
+
+    def sample(self, n: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        shape = (n, *self.mean.shape[1:])
+        eps = torch.randn(shape, generator=generator, dtype=self.mean.dtype,
+                          device=self.mean.device)
+        return self.mean + torch.exp(self.logs) * temperature * eps

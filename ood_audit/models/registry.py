@@ -1,0 +1,91 @@
+"""MODELS: the one registry of model families. The CLI takes its choices from it.
+
+Each entry knows its config dataclass, its presets, fixed settings that define the
+family (``glow-cv`` is Glow with additive coupling), and how to build the model for an
+input shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import from_dict
+from ..errors import UserError
+from .base import DensityModel
+from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    summary: str
+    config_cls: type
+    presets: dict[str, dict[str, Any]]
+    #: settings that define the family; a user override of these is an error
+    fixed: dict[str, Any] = field(default_factory=dict)
+    #: (config, input_shape) -> (config fitted to the shape, note or None)
+    fit: Callable[[Any, tuple[int, int, int]], tuple[Any, str | None]] = lambda c, s: (c, None)
+    build: Callable[[Any, tuple[int, int, int]], DensityModel] = None  # type: ignore[assignment]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "glow": ModelSpec(
+        name="glow",
+        summary="Glow with affine coupling (Kingma & Dhariwal 2018)",
+        config_cls=GlowConfig,
+        presets=GLOW_PRESETS,
+        fixed={"coupling": "affine"},
+        fit=fit_levels,
+        build=Glow,
+    ),
+    "glow-cv": ModelSpec(
+        name="glow-cv",
+        summary="constant-volume Glow: additive coupling, log|det| independent of x",
+        config_cls=GlowConfig,
+        presets=GLOW_PRESETS,
+        fixed={"coupling": "additive"},
+        fit=fit_levels,
+        build=Glow,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+
+
+def resolve_model_config(
+    name: str, preset: str, overrides: dict[str, Any], input_shape: tuple[int, int, int]
+) -> tuple[Any, list[str]]:
+    """The full config of model ``name``: preset, then overrides, then the family's fixed
+    settings, then fitted to the input shape. Returns the config and notes to print."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise UserError(
+            f"model {name!r} has no preset {preset!r}; choose one of: {', '.join(spec.presets)}"
+        )
+    clash = sorted(k for k in overrides if k in spec.fixed and overrides[k] != spec.fixed[k])
+    if clash:
+        raise UserError(
+            f"model {name!r} fixes {', '.join(f'{k}={spec.fixed[k]!r}' for k in clash)}; "
+            "drop it from model_config or pick the other model family"
+        )
+    merged = {**spec.presets[preset], **overrides, **spec.fixed}
+    config = from_dict(spec.config_cls, merged, where=f"model_config of {name}")
+    config, note = spec.fit(config, input_shape)
+    return config, [note] if note else []
+
+
+def build_model(name: str, config: Any, input_shape: tuple[int, int, int]) -> DensityModel:
+    """Instantiate model ``name`` from a resolved config."""
+    return get_spec(name).build(config, tuple(input_shape))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,288 @@
+"""The report's library entry: analyse runs, render, write files, check gates.
+
+:func:`build_report` turns run directories into ``report.html`` (self-contained),
+``report.md`` (+ ``figures/*.png``) and ``summary.json``. Every number the report shows
+is computed once, here, into the summary dict; the renderers only format that dict, so
+``summary.json`` holds each of them.
+
+Metrics: per detector and OOD set, with the in-distribution test split (role=in,
+split=test, transform=none) as the positive class; see :mod:`ood_audit.analysis.metrics`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..analysis import tables
+from ..analysis.decomposition import decompose, gaps
+from ..analysis.detectors import DETECTORS, detector_scores
+from ..analysis.metrics import METRICS, ood_metrics, roc_points
+from ..errors import UserError
+from ..runs import RunDir, atomic_write_bytes, atomic_write_text
+from . import plots, render
+from .gates import Gate, GateResult, evaluate_gates, parse_gate
+
+FORMAT_FILES = {"html": "report.html", "md": "report.md", "json": "summary.json"}
+#: Written by ``decompose --over-training`` when present; shown as a table.
+OVER_TRAINING_FILES = ("over_training.parquet", "over_training.csv")
+STEP_SUMMARY_LIMIT = 1024 * 1024  # GitHub rejects job summaries above 1 MiB
+CONVENTION = (
+    "In-distribution (the training set's test split) is the positive class and a higher "
+    "detector score means more in-distribution (OpenOOD's convention). AUROC < 0.5 means "
+    "the model gives the OOD set higher scores than its own test data. FPR@95TPR: share "
+    "of OOD accepted at the threshold keeping 95% of in-distribution (ties accepted). "
+    "Intervals: percentile bootstrap 95%."
+)
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"html,md,json"`` -> ["html", "md", "json"]; UserError for anything else."""
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMAT_FILES]
+    if bad or not formats:
+        raise UserError(f"--format {text!r}: choose one or more of {', '.join(FORMAT_FILES)} "
+                        "separated by commas")
+    return list(dict.fromkeys(formats))
+
+
+@dataclass
+class RunAnalysis:
+    """What one run contributes: its summary section and the arrays its figures need."""
+
+    section: dict
+    bpd_groups: list[tuple[str, np.ndarray]]
+    roc: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]]
+    decomposition: pd.DataFrame
+    training: pd.DataFrame | None
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    files: dict[str, Path]
+    summary: dict
+    rows: list[dict]
+    gates: list[GateResult] = field(default_factory=list)
+    step_summary: str = ""  # Markdown without images, for $GITHUB_STEP_SUMMARY
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+
+def run_names(runs: list[RunDir]) -> list[str]:
+    """Short, unique names: the folder name, with its parent's when two folders share it."""
+    names = [rd.root.name or str(rd.root) for rd in runs]
+    out = []
+    for rd, name in zip(runs, names):
+        if names.count(name) > 1:
+            name = f"{rd.root.parent.name}/{name}"
+        while name in out:
+            name += "'"
+        out.append(name)
+    return out
+
+
+def _finite_mean(v: np.ndarray) -> float:
+    f = v[np.isfinite(v)]
+    return float(f.mean()) if f.size else math.nan
+
+
+def _finite_std(v: np.ndarray) -> float:
+    f = v[np.isfinite(v)]
+    return float(f.std(ddof=1)) if f.size > 1 else math.nan
+
+
+def verdict(row: dict) -> str:
+    """A few words on one metric row (AUROC below 0.5 is the paper's paradox)."""
+    auroc, lo, hi = row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"]
+    words = "paradox: model prefers OOD" if auroc < 0.5 else "detects OOD" if auroc >= 0.9 else "weak"
+    if np.isfinite(lo) and lo <= 0.5 <= hi:
+        words += " (CI includes chance)"
+    return words
+
+
+def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> RunAnalysis:
+    """Load one run's scores and compute everything its report section shows."""
+    df, meta = tables.load_run_scores(rd)
+    where = f"scores of {rd.root}"
+    ref = tables.reference_rows(df, where)
+    sets = tables.ood_sets(df)
+    if not sets:
+        raise UserError(f"{where} hold no OOD set: run ood-audit score --run {rd.root} --ood mnist")
+    notes: list[str] = []
+    scores = detector_scores(df, meta)
+    rows, roc = [], {}
+    bpd_in = ref["bpd"].to_numpy(float)
+    for det, s in scores.items():
+        s_in = s.loc[ref.index].to_numpy(float)
+        keep_in = ~np.isnan(s_in)
+        if not keep_in.any():
+            raise UserError(f"{where}: every in-distribution test score of {det} is NaN; rescore")
+        if not keep_in.all():
+            notes.append(f"{det}: {int((~keep_in).sum())} NaN in-distribution test score(s) left out")
+        roc[det] = []
+        for oset in sets:
+            s_ood = s.loc[oset.rows.index].to_numpy(float)
+            keep = ~np.isnan(s_ood)
+            if not keep.any():
+                raise UserError(f"{where}: OOD set {oset.label} has no usable {det} scores "
+                                "(empty or all NaN); rescore it")
+            if not keep.all():
+                notes.append(f"{det}: {int((~keep).sum())} NaN score(s) of {oset.label} left out")
+            m = ood_metrics(s_in[keep_in], s_ood[keep], n_boot=n_boot, seed=seed)
+            bpd_ood = oset.rows["bpd"].to_numpy(float)
+            row = {"run": name, "detector": det, "ood_set": oset.label, "dataset": oset.dataset,
+                   "transform": oset.transform, **m,
+                   "mean_bpd_in": _finite_mean(bpd_in), "mean_bpd_ood": _finite_mean(bpd_ood)}
+            row["bpd_gap"] = row["mean_bpd_ood"] - row["mean_bpd_in"]
+            row["verdict"] = verdict(row)
+            rows.append(row)
+            fpr, tpr = roc_points(s_in[keep_in], s_ood[keep])
+            roc[det].append((oset.label, fpr, tpr, m["auroc"]))
+    group_rows, bpd_groups = [], []
+    for (dataset, role, split, transform), g in tables.groups(df):
+        bpd, lpx = g["bpd"].to_numpy(float), g["log_px"].to_numpy(float)
+        label = tables.group_label(dataset, role, split, transform)
+        bpd_groups.append((label, bpd))
+        group_rows.append({
+            "label": label, "dataset": dataset, "role": role, "split": split,
+            "transform": transform, "n": int(len(g)), "n_nonfinite": int((~np.isfinite(lpx)).sum()),
+            "mean_bpd": _finite_mean(bpd), "std_bpd": _finite_std(bpd),
+            "mean_log_px": _finite_mean(lpx), "std_log_px": _finite_std(lpx),
+        })
+    table = decompose(df, meta)
+    training = _read_optional(rd.metrics)
+    over = next((t for t in (_read_optional(rd.root / f) for f in OVER_TRAINING_FILES)
+                 if t is not None), None)
+    section = {
+        "name": name, "path": str(rd.root), "model": meta.model, "in_dataset": meta.in_dataset,
+        "version": meta.version, "checkpoint_sha256": meta.checkpoint_sha256,
+        "dequant_seed": meta.dequant_seed, "run_config": meta.run_config,
+        "adaptations": meta.adaptations, "extra": meta.extra,
+        "reference": tables.group_label(meta.in_dataset, "in", "test", "none")
+        if meta.in_dataset in set(ref["dataset"]) else tables.group_label(
+            ref["dataset"].iloc[0], "in", "test", "none"),
+        "detectors": [{"name": d, "summary": DETECTORS[d].summary if d in DETECTORS
+                       else "precomputed score column"} for d in scores],
+        "sets": group_rows, "metrics": rows,
+        "decomposition": table.to_dict(orient="records"),
+        "gaps": [{**{k: getattr(g, k) for k in ("label", "reference", "log_px", "bpd",
+                                                 "carrier", "share")},
+                  "components": g.components, "sentence": g.sentence()} for g in gaps(table)],
+        "training_curve": None if training is None else training.to_dict(orient="records"),
+        "over_training": None if over is None else over.to_dict(orient="records"),
+        "notes": notes,
+    }
+    return RunAnalysis(section, bpd_groups, roc, table, training)
+
+
+def _read_optional(path: Path) -> pd.DataFrame | None:
+    """A side table (metrics.parquet, over_training.*) or None; unreadable is a UserError."""
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
+        raise UserError(f"{path} is not readable ({type(exc).__name__}); delete or rewrite it") from None
+
+
+def figures_for(a: RunAnalysis) -> dict[str, bytes]:
+    """PNG figures of one run, keyed ``<run>/<figure>``."""
+    name = a.section["name"]
+    model = a.section["model"]
+    figs = {f"{name}/hist": plots.bpd_histogram(
+        a.bpd_groups, f"{model} trained on {a.section['in_dataset']}: bits/dim")}
+    for det, curves in a.roc.items():
+        figs[f"{name}/roc-{det}"] = plots.roc_figure(curves, f"ROC, detector {det} ({name})")
+    bars = plots.decomposition_bars(a.decomposition, f"Which term moves log p(x)? ({name})")
+    if bars is not None:
+        figs[f"{name}/decomposition"] = bars
+    if a.training is not None:
+        curve = plots.training_curve(a.training, f"Training curve ({name})")
+        if curve is not None:
+            figs[f"{name}/training"] = curve
+    return figs
+
+
+def build_report(runs: list[RunDir], out: Path, formats: list[str] | tuple[str, ...] = ("html", "md", "json"),
+                 gates: list[Gate | str] = (), *, n_boot: int = 1000, seed: int = 0) -> ReportResult:
+    """Analyse ``runs``, write the requested formats into ``out``, evaluate ``gates``.
+
+    Gates are parsed and checked against the data before anything is written, so a bad
+    gate (UserError) leaves no half report; a failing gate is reported in the files
+    and in ``ReportResult.gates`` (the caller decides the exit code).
+    """
+    if not runs:
+        raise UserError("no run to report on: pass one or more run directories")
+    formats = list(formats)
+    parsed = [g if isinstance(g, Gate) else parse_gate(g) for g in gates]
+    names = run_names(runs)
+    analyses = [analyse_run(rd, n, n_boot=n_boot, seed=seed) for rd, n in zip(runs, names)]
+    rows = [r for a in analyses for r in a.section["metrics"]]
+    results = evaluate_gates(parsed, rows)
+    out = Path(out)
+    summary = {
+        "tool": "ood-audit", "version": __version__,
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "convention": CONVENTION, "metrics_defined": METRICS,
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "ci": 0.95},
+        "runs": [a.section for a in analyses], "metrics": rows,
+        "gates": [{"expr": r.gate.expr, "run": r.run, "dataset": r.gate.dataset,
+                   "detector": r.gate.detector, "metric": r.gate.metric, "op": r.gate.op,
+                   "bound": r.gate.bound, "value": r.value, "passed": r.passed,
+                   "detail": r.detail} for r in results],
+        "gates_passed": all(r.passed for r in results),
+    }
+    summary = render.jsonable(summary)
+    files: dict[str, Path] = {}
+    figs = {k: v for a in analyses for k, v in figures_for(a).items()}
+    if "html" in formats:
+        files["html"] = out / FORMAT_FILES["html"]
+        atomic_write_text(files["html"], render.render_html(summary, figs))
+    if "md" in formats:
+        fig_paths = {}
+        for key, png in figs.items():
+            rel = Path("figures") / (render.slug(key) + ".png")
+            atomic_write_bytes(out / rel, png)
+            fig_paths[key] = rel.as_posix()
+        files["md"] = out / FORMAT_FILES["md"]
+        atomic_write_text(files["md"], render.render_markdown(summary, fig_paths))
+    if "json" in formats:
+        files["json"] = out / FORMAT_FILES["json"]
+        atomic_write_text(files["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return ReportResult(out, files, summary, rows, results,
+                        render.render_markdown(summary, None))
+
+
+def append_step_summary(path: Path, markdown: str, limit: int = STEP_SUMMARY_LIMIT) -> int:
+    """Append ``markdown`` to a GitHub job summary file, keeping the file under ``limit``.
+
+    When the text does not fit, it is cut at a line boundary and a note says where the
+    full report is. Returns the number of bytes appended.
+    """
+    path = Path(path)
+    used = path.stat().st_size if path.exists() else 0
+    note = "\n\n_(ood-audit: summary truncated to stay under GitHub's 1 MiB limit; see report.md)_\n"
+    budget = limit - 1 - used
+    data = markdown.encode("utf-8")
+    if len(data) > budget:
+        room = max(budget - len(note.encode()), 0)
+        cut = data[:room]
+        cut = cut[: cut.rfind(b"\n") + 1] if b"\n" in cut else b""
+        data = cut + note.encode() if budget >= len(note.encode()) else b""
+    with open(path, "ab") as fh:
+        fh.write(data)
+    return len(data)

@@ -1,0 +1,142 @@
+"""The report's figures, each returned as PNG bytes.
+
+Built on matplotlib's object API with the Agg canvas (no pyplot): no global backend
+switch, no window, safe in a CI job or a thread. Axes carry units: bits/dim for
+likelihoods shown per dimension, nats for per-image terms.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..analysis.decomposition import pretty
+
+_DPI = 100
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _figure(width: float = 6.4, height: float = 4.0, ncols: int = 1):
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" text chunk: the bytes then depend only on the data, not the install.
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def color_for(i: int) -> str:
+    return _COLORS[i % len(_COLORS)]
+
+
+def bpd_histogram(groups: list[tuple[str, np.ndarray]], title: str) -> bytes:
+    """Density-normalised bits/dim histograms on shared bins (the paper's Figure 1 style).
+
+    ``groups``: (label, bpd values) in display order; in-distribution train, test, then
+    each OOD set. Non-finite values are left out (and counted in the legend).
+    """
+    fig, (ax,) = _figure()
+    clean = [(label, np.asarray(v, float)) for label, v in groups]
+    finite = [v[np.isfinite(v)] for _, v in clean]
+    pooled = np.concatenate([v for v in finite if v.size] or [np.zeros(1)])
+    edges = np.histogram_bin_edges(pooled, bins=60)
+    for i, ((label, v), f) in enumerate(zip(clean, finite)):
+        if not f.size:
+            continue
+        dropped = v.size - f.size
+        text = f"{label} (mean {f.mean():.3f}, n={f.size}{f', {dropped} non-finite' if dropped else ''})"
+        ax.hist(f, bins=edges, density=True, histtype="stepfilled", alpha=0.35,
+                color=color_for(i), edgecolor=color_for(i), linewidth=1.2, label=text)
+    ax.set_xlabel("bits/dim (lower = higher likelihood)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: str) -> bytes:
+    """ROC curves of one detector, one per OOD set: (label, fpr, tpr, auroc).
+
+    In-distribution is the positive class, so a curve below the diagonal means the
+    detector ranks that OOD set as more in-distribution than the real test data.
+    """
+    fig, (ax,) = _figure(5.2, 4.6)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="chance")
+    for i, (label, fpr, tpr, auroc) in enumerate(curves):
+        ax.plot(fpr, tpr, color=color_for(i + 2), linewidth=1.8,
+                label=f"{label} (AUROC {auroc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (OOD accepted)")
+    ax.set_ylabel("true positive rate (in-distribution accepted)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def decomposition_bars(table: pd.DataFrame, title: str) -> bytes | None:
+    """Bars of each term's mean difference from in-distribution test, per set and level.
+
+    One panel per term group (log p(z), log|det|): x = level (and the group total), one
+    bar per data set. A model without term groups gets one panel of its top-level
+    terms. Positive bars push that set's log p(x) above the in-distribution test mean.
+    ``table`` is a :func:`~ood_audit.analysis.decomposition.decompose` table.
+    """
+    ref = (table["role"] == "in") & (table["split"] == "test") & (table["transform"] == "none")
+    rows = table[~ref]
+    labels = list(dict.fromkeys(rows["label"]))
+    if not labels:
+        return None
+    panels: list[tuple[str, list[tuple[str, str]]]] = []  # (title, [(x label, term)])
+    for group in [g for g in dict.fromkeys(table["group"].dropna())]:
+        g = table[(table["group"] == group) & table["layer_kind"].isna()
+                  & table["level"].notna()].drop_duplicates("term")
+        cats = [(f"level {int(lv)}", term) for lv, term in
+                sorted(zip(g["level"], g["term"]), key=lambda x: int(x[0]))]
+        panels.append((pretty(group), cats + [("total", group)]))
+    if not panels:
+        tops = table[table["top_level"].astype(bool)].drop_duplicates("term")["term"]
+        panels.append(("terms", [(pretty(t), t) for t in tops]))
+    fig, axes = _figure(max(4.5, 3.6 * len(panels)), 4.0, ncols=len(panels))
+    width = 0.8 / len(labels)
+    for ax, (name, cats) in zip(axes, panels):
+        x = np.arange(len(cats))
+        for i, label in enumerate(labels):
+            sub = rows[rows["label"] == label].set_index("term")["diff_vs_in"]
+            vals = [float(sub.get(term, np.nan)) for _, term in cats]
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width,
+                   color=color_for(i + 1), label=label)
+        ax.axhline(0, color="#333333", linewidth=0.8)
+        ax.set_xticks(x, [c for c, _ in cats], fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("difference from in-dist. test (nats)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def training_curve(metrics: pd.DataFrame, title: str) -> bytes | None:
+    """Bits/dim per epoch from ``metrics.parquet``: every ``*_bpd`` column (train_bpd,
+    test_bpd, ...); None when the table has no epoch or bpd column."""
+    cols = [c for c in metrics.columns if c.endswith("_bpd")]
+    if "epoch" not in metrics.columns or not cols or metrics.empty:
+        return None
+    fig, (ax,) = _figure(5.6, 3.6)
+    for i, col in enumerate(cols):
+        ax.plot(metrics["epoch"], metrics[col], marker="o", markersize=3,
+                color=color_for(i), label=col.removesuffix("_bpd"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig)

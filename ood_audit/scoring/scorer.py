@@ -1,0 +1,233 @@
+"""The batched scorer: every term of log p(x), per image, streamed to Parquet.
+
+The scorer never special-cases a model family: it writes whatever named terms the
+model's ``log_prob_terms`` returns, then ``log_px`` (their sum), ``bpd``, and the group
+totals of :data:`~ood_audit.scoring.schema.TERM_GROUPS`.
+
+Dequantization noise is drawn per chunk of :data:`NOISE_CHUNK` images from a generator
+seeded by (seed, data set, chunk), so an image's score does not depend on the batch
+size or on how a set is split across processes.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .. import __version__
+from ..data import ImageSet, adapt_to_shape, bits_per_dim, dequantize, load_dataset
+from ..errors import UserError
+from ..models.base import DensityModel, sum_terms
+from ..runs import RunDir, atomic_path
+from ..training.checkpoint import CheckpointInfo, load_checkpoint
+from ..training.trainer import pick_device, seeded
+from .schema import SCHEMA_VERSION, ScoresMeta, arrow_schema, totals_for
+
+NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent of batching
+ROW_GROUP = 16384  # rows buffered before a Parquet row group is written
+
+
+@dataclass
+class ScoreJob:
+    """One data set to score, with its role and tags."""
+
+    images: ImageSet
+    role: str  # "in" | "ood"
+    transform: str = "none"
+
+    @property
+    def key(self) -> int:
+        """A stable integer naming (set, split, transform) for seeding its noise."""
+        tag = f"{self.images.name}|{self.images.split}|{self.transform}"
+        return zlib.crc32(tag.encode())
+
+
+@dataclass
+class SetSummary:
+    dataset: str
+    role: str
+    split: str
+    transform: str
+    n: int
+    means: dict[str, float] = field(default_factory=dict)
+    log_px: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class ScoreProgress:
+    """Progress callbacks the CLI implements; the defaults stay silent."""
+
+    def set_start(self, job: ScoreJob, n_images: int) -> None:
+        """Scoring of one set starts."""
+
+    def advance(self, n_images: int, images_per_s: float) -> None:
+        """``n_images`` more images of the current set are scored."""
+
+
+def dequantized_chunks(images: torch.Tensor, seed: int, key: int) -> Iterator[torch.Tensor]:
+    """Yield float chunks of ``images`` dequantized with per-chunk seeded noise."""
+    for c, start in enumerate(range(0, len(images), NOISE_CHUNK)):
+        yield dequantize(images[start:start + NOISE_CHUNK], seeded(seed, key, c))
+
+
+@torch.inference_mode()
+def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: torch.device,
+                 seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images."""
+    n_dims = math.prod(job.images.shape)
+    offset = 0
+    for chunk in dequantized_chunks(job.images.images, seed, job.key):
+        for start in range(0, len(chunk), batch_size):
+            x = chunk[start:start + batch_size].to(device, non_blocking=True)
+            # Sum in float64 so the written terms add up to the written log_px exactly.
+            terms = {k: v.double() for k, v in model.log_prob_terms(x).items()}
+            log_px = sum_terms(terms)
+            cols: dict[str, np.ndarray] = {
+                "log_px": log_px.cpu().numpy(),
+                "bpd": bits_per_dim(log_px, n_dims).cpu().numpy(),
+            }
+            for name, value in terms.items():
+                cols[name] = value.cpu().numpy()
+            idx = np.arange(offset + start, offset + start + len(x), dtype=np.int64)
+            cols["index"] = idx
+            cols["label"] = job.images.labels[idx].numpy()
+            yield cols
+        offset += len(chunk)
+
+
+class ScoresWriter:
+    """Streams column batches into one Parquet file, a row group at a time."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.schema = schema
+        self.writer = pq.ParquetWriter(str(path), schema)
+        self.buffer: list[pa.RecordBatch] = []
+        self.rows = 0
+
+    def write(self, columns: dict[str, np.ndarray | list]) -> None:
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self.buffer.append(batch)
+        self.rows += batch.num_rows
+        if self.rows >= ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_batches(self.buffer, self.schema))
+            self.buffer, self.rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def model_terms(model: DensityModel, device: torch.device) -> list[str]:
+    """The model's term names, read off one tiny forward pass."""
+    with torch.inference_mode():
+        x = torch.full((1, *model.input_shape), 0.5, device=device)
+        return list(model.log_prob_terms(x))
+
+
+def build_jobs(info: CheckpointInfo, ood: list[str], *, root: Path | None, download: bool,
+               limit: int | None, train_limit: int | None, seed: int,
+               notify=print) -> list[ScoreJob]:
+    """Load the in-distribution test (and train) split and each OOD set, shape-adapted."""
+    in_name = info.dataset
+    seen = set()
+    for name in ood:
+        if name == in_name:
+            raise UserError(f"--ood {name} is the model's own training set; name another set")
+        if name in seen:
+            raise UserError(f"--ood {name} is given twice")
+        seen.add(name)
+    jobs = [ScoreJob(load_dataset(in_name, "test", root=root, download=download,
+                                  limit=limit), "in")]
+    if train_limit != 0:
+        jobs.append(ScoreJob(load_dataset(in_name, "train", root=root, download=download,
+                                          limit=train_limit), "in"))
+    for name in ood:
+        images = load_dataset(name, "test", root=root, download=download, limit=limit,
+                              shape=info.input_shape, seed=seed)
+        adapted = adapt_to_shape(images, info.input_shape)
+        if adapted.adaptation:
+            notify(f"{name}: {adapted.adaptation} to fit the model's input "
+                   f"{'x'.join(map(str, info.input_shape))}")
+        jobs.append(ScoreJob(adapted, "ood"))
+    for job in jobs:
+        if len(job.images) == 0:
+            raise UserError(f"data set {job.images.name} ({job.images.split}) has no images")
+    return jobs
+
+
+def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], out: Path, *,
+               batch_size: int, device: torch.device, seed: int,
+               progress: ScoreProgress | None = None) -> list[SetSummary]:
+    """Score every job into ``out`` (written atomically) and return per-set summaries."""
+    import time
+
+    progress = progress or ScoreProgress()
+    terms = model_terms(model, device)
+    groups = totals_for(terms)
+    meta = ScoresMeta(
+        version=__version__, schema_version=SCHEMA_VERSION, model=info.model,
+        in_dataset=info.dataset, terms=terms, run_config=info.run_config,
+        checkpoint_sha256=info.sha256, dequant_seed=seed,
+        adaptations={j.images.name: j.images.adaptation for j in jobs if j.images.adaptation},
+        extra={"epoch": str(info.epoch), "device": str(device)},
+    )
+    schema = arrow_schema(terms, list(groups), [], meta)
+    summaries = []
+    model.eval()
+    with atomic_path(out) as tmp:
+        writer = ScoresWriter(tmp, schema)
+        try:
+            for job in jobs:
+                n = len(job.images)
+                n_dims = math.prod(job.images.shape)
+                progress.set_start(job, n)
+                sums: dict[str, float] = {}
+                log_px_parts = []
+                t0 = time.perf_counter()
+                for cols in score_images(model, job, batch_size, device, seed):
+                    for total, members in groups.items():
+                        cols[total] = np.sum([cols[m] for m in members], axis=0)
+                    b = len(cols["log_px"])
+                    cols.update(dataset=[job.images.name] * b, role=[job.role] * b,
+                                split=[job.images.split] * b, transform=[job.transform] * b,
+                                n_dims=np.full(b, n_dims, dtype=np.int64))
+                    writer.write(cols)
+                    for k in ("bpd", "log_px", *groups):
+                        sums[k] = sums.get(k, 0.0) + float(np.sum(cols[k]))
+                    log_px_parts.append(cols["log_px"])
+                    progress.advance(b, b / max(time.perf_counter() - t0, 1e-9))
+                    t0 = time.perf_counter()
+                summaries.append(SetSummary(
+                    dataset=job.images.name, role=job.role, split=job.images.split,
+                    transform=job.transform, n=n, means={k: v / n for k, v in sums.items()},
+                    log_px=np.concatenate(log_px_parts),
+                ))
+        finally:
+            writer.close()
+    return summaries
+
+
+def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download: bool = False,
+              limit: int | None = None, train_limit: int | None = 2000, batch_size: int = 256,
+              device: str = "auto", seed: int = 0, notify=print,
+              progress: ScoreProgress | None = None) -> list[SetSummary]:
+    """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries."""
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    dev = pick_device(device)
+    model, info = load_checkpoint(rd.model, dev)
+    jobs = build_jobs(info, ood, root=root, download=download, limit=limit,
+                      train_limit=train_limit, seed=seed, notify=notify)
+    return score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
+                      seed=seed, progress=progress)

@@ -1,0 +1,152 @@
+"""Checkpoints: weights in safetensors, with what rebuilds the model in the header.
+
+The header metadata (all strings) holds the resolved run config, the model's resolved
+config, its input shape, the data set, the preprocessing, the epoch and the package
+version, so ``load_checkpoint`` needs nothing but the file. ActNorm's "initialised"
+flag is a buffer, so it travels with the weights and a reload never re-initialises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import UserError
+from ..models.base import DensityModel
+from ..models.registry import MODELS, build_model, get_spec
+from ..runs import atomic_path
+
+FORMAT = "ood-audit-checkpoint-1"
+PREPROCESSING = "uniform dequantization x=(k+u)/256, 256 bins (Nalisnick et al. 2019, Glow)"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    model: str
+    model_config: Any  # the family's config dataclass
+    input_shape: tuple[int, int, int]
+    run_config: dict
+    dataset: str
+    epoch: int
+    version: str
+    sha256: str
+
+
+def save_checkpoint(
+    path: Path, model: DensityModel, *, model_name: str, model_config: Any,
+    run_config: dict, dataset: str, epoch: int,
+) -> None:
+    """Write ``model``'s weights and metadata atomically (temporary name, then rename)."""
+    import dataclasses
+
+    metadata = {
+        "format": FORMAT,
+        "model": model_name,
+        "model_config": json.dumps(dataclasses.asdict(model_config)),
+        "input_shape": json.dumps(list(model.input_shape)),
+        "run_config": json.dumps(run_config),
+        "dataset": dataset,
+        "preprocessing": PREPROCESSING,
+        "epoch": str(epoch),
+        "version": __version__,
+        **{f"model.{k}": v for k, v in model.extra_metadata().items()},
+    }
+    # safetensors wants contiguous tensors that share no storage.
+    state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a checkpoint, or a UserError saying why it is unusable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: train first (ood-audit train)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({_short(exc)}); "
+                        "it may be truncated: retrain or resume") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} was not written by ood-audit train (format "
+                        f"{meta.get('format', 'missing')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[DensityModel, CheckpointInfo]:
+    """Rebuild the model from a checkpoint file alone; errors are one-line UserErrors."""
+    path = Path(path)
+    meta = read_metadata(path)
+    name = meta.get("model", "")
+    if name not in MODELS:
+        raise UserError(f"{path} holds model {name!r}, which this ood-audit does not know "
+                        f"(known: {', '.join(MODELS)}); upgrade ood-audit")
+    from ..config import from_dict
+
+    spec = get_spec(name)
+    try:
+        model_config = from_dict(spec.config_cls, json.loads(meta["model_config"]),
+                                 where=f"{path} model_config")
+        input_shape = tuple(json.loads(meta["input_shape"]))
+        run_config = json.loads(meta["run_config"])
+        epoch = int(meta["epoch"])
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: damaged checkpoint metadata ({_short(exc)})") from None
+    model = build_model(name, model_config, input_shape)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({_short(exc)}); "
+                        "it may be truncated: retrain or resume") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not match a {name} model with its stored config "
+                        f"({_short(exc)})") from None
+    model.to(device).eval()
+    info = CheckpointInfo(
+        path=path, model=name, model_config=model_config, input_shape=input_shape,  # type: ignore[arg-type]
+        run_config=run_config, dataset=meta.get("dataset", ""), epoch=epoch,
+        version=meta.get("version", ""), sha256=file_sha256(path),
+    )
+    return model, info
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold the same bytes as ``src``, atomically; a hard link saves disk."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,275 @@
+"""The training loop: Adam with warm-up, gradient clipping, a NaN guard, per-epoch
+checkpoints, and an exact resume.
+
+Determinism: the data order of epoch ``e`` and the dequantization noise of batch ``b``
+come from generators seeded by (seed, e) and (seed, e, b), not from a global RNG, so a
+run resumed at (e, b) replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..config import RunConfig, keep_every
+from ..data import ImageSet, bits_per_dim, dequantize
+from ..errors import UserError
+from ..models.base import DensityModel
+from ..runs import RunDir, atomic_path
+from .checkpoint import link_or_copy, save_checkpoint
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps: stop and keep the last good checkpoint."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    step: int
+    train_bpd: float
+    test_bpd: float
+    seconds: float
+    images_per_s: float
+    nan_skips: int
+    lr: float
+
+
+@dataclass
+class TrainState:
+    """Where training is: the next (epoch, batch) to run, and counters."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    nan_skips: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from integers, independent of the global RNG."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+class TrainProgress:
+    """Progress callbacks the CLI implements; the defaults stay silent."""
+
+    def epoch_start(self, epoch: int, epochs: int, n_batches: int, start_batch: int) -> None:
+        """Epoch ``epoch`` (0-based) starts at ``start_batch`` (non-zero after a resume)."""
+
+    def batch(self, batch: int, train_bpd: float, images_per_s: float) -> None:
+        """Batch ``batch`` (1-based) of the current epoch is done."""
+
+    def epoch_end(self, result: EpochResult) -> None:
+        """An epoch finished and its checkpoint is on disk."""
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM so the loop can save and stop between steps."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def evaluate_bpd(model: DensityModel, images: torch.Tensor, batch_size: int,
+                 device: torch.device, seed: int) -> float:
+    """Mean bits/dim of ``images`` (uint8) with fixed dequantization noise."""
+    model.eval()
+    n_dims = math.prod(images.shape[1:])
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        x = dequantize(images[start:start + batch_size], seeded(seed, 10**6, b)).to(device)
+        total += float(bits_per_dim(model.log_prob(x), n_dims).double().sum())
+        count += len(x)
+    return total / max(count, 1)
+
+
+class Trainer:
+    """Trains one model on one ImageSet, writing checkpoints into a run directory."""
+
+    def __init__(self, model: DensityModel, model_name: str, model_config, run: RunConfig,
+                 rd: RunDir, train_set: ImageSet, test_set: ImageSet, device: torch.device,
+                 progress: TrainProgress | None = None):
+        self.model, self.model_name, self.model_config = model, model_name, model_config
+        self.run, self.cfg, self.rd = run, run.train, rd
+        self.train_set, self.test_set, self.device = train_set, test_set, device
+        self.progress = progress or TrainProgress()
+        self.n_dims = math.prod(train_set.shape)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        warmup = max(self.cfg.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------- state
+    def save_state(self) -> None:
+        """Optimizer, scheduler and loop position, atomically; weights go separately."""
+        payload = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "model": self.model.state_dict(),
+            "state": dataclasses.asdict(self.state),
+        }
+        with atomic_path(self.rd.train_state) as tmp:
+            torch.save(payload, tmp)
+
+    def load_state(self) -> None:
+        try:
+            payload = torch.load(self.rd.train_state, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            self.state = TrainState(**payload["state"])
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
+            raise UserError(f"cannot resume from {self.rd.train_state}: {str(exc)[:200]}") from None
+
+    # ------------------------------------------------------------------ loop
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_set) / self.cfg.batch_size)
+
+    def data_init(self) -> None:
+        """Data-dependent init (ActNorm) on one batch, before the first step."""
+        n = min(len(self.train_set), max(self.cfg.batch_size, 256))
+        idx = torch.randperm(len(self.train_set), generator=seeded(self.cfg.seed, -1))[:n]
+        x = dequantize(self.train_set.images[idx], seeded(self.cfg.seed, -2)).to(self.device)
+        self.model.train()
+        self.model.data_init(x)
+
+    def fit(self) -> list[EpochResult]:
+        cfg, st = self.cfg, self.state
+        n_batches = self.batches_per_epoch()
+        results = []
+        with StopFlag() as stop:
+            while st.epoch < cfg.epochs:
+                t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+                perm = torch.randperm(len(self.train_set), generator=seeded(cfg.seed, st.epoch))
+                self.progress.epoch_start(st.epoch, cfg.epochs, n_batches, st.batch)
+                self.model.train()
+                bad_run = 0
+                while st.batch < n_batches:
+                    idx = perm[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
+                    x = dequantize(self.train_set.images[idx],
+                                   seeded(cfg.seed, st.epoch, st.batch)).to(self.device)
+                    ok, loss = self._step(x)
+                    st.batch += 1
+                    if ok:
+                        bad_run = 0
+                        st.step += 1
+                        seen += len(x)
+                        loss_sum += loss * len(x)
+                    else:
+                        bad_run += 1
+                        st.nan_skips += 1
+                        if bad_run >= cfg.max_bad_steps:
+                            raise TrainingDiverged(
+                                f"training diverged: {bad_run} non-finite steps in a row at "
+                                f"epoch {st.epoch + 1}; the last good checkpoint is "
+                                f"{self.rd.model}; lower --lr or max_grad_norm and --resume"
+                            )
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    self.progress.batch(st.batch, self._bpd(loss_sum / max(seen, 1)), rate)
+                    if stop.signal:
+                        self.save_state()
+                        raise UserError(
+                            f"stopped by {stop.signal} at epoch {st.epoch + 1}, batch "
+                            f"{st.batch}/{n_batches}; state saved: continue with "
+                            f"ood-audit train --resume --out {self.rd.root}"
+                        )
+                seconds = time.perf_counter() - t0
+                test_bpd = evaluate_bpd(self.model, self.test_set.images, cfg.batch_size * 2,
+                                        self.device, cfg.seed)
+                result = EpochResult(
+                    epoch=st.epoch + 1, step=st.step,
+                    train_bpd=self._bpd(loss_sum / max(seen, 1)), test_bpd=test_bpd,
+                    seconds=seconds, images_per_s=seen / max(seconds, 1e-9),
+                    nan_skips=st.nan_skips, lr=self.optimizer.param_groups[0]["lr"],
+                )
+                st.history.append(dataclasses.asdict(result))
+                st.epoch += 1
+                st.batch = 0
+                self._end_epoch(result)
+                self.progress.epoch_end(result)
+                results.append(result)
+        return results
+
+    def _step(self, x: torch.Tensor) -> tuple[bool, float]:
+        """One optimizer step; returns (False, nan) and skips it when anything is non-finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model.training_loss(x).mean()
+        if not torch.isfinite(loss):
+            return False, float("nan")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        return True, float(loss.detach())
+
+    def _bpd(self, nll_nats: float) -> float:
+        return float(bits_per_dim(-nll_nats, self.n_dims)) if math.isfinite(nll_nats) else math.nan
+
+    def _end_epoch(self, result: EpochResult) -> None:
+        """Checkpoint (epoch copy + model.safetensors), metrics table, train state."""
+        every = keep_every(self.cfg.keep_checkpoints)
+        epoch_path = self.rd.epoch_checkpoint(result.epoch)
+        save_checkpoint(
+            epoch_path, self.model, model_name=self.model_name, model_config=self.model_config,
+            run_config=dataclasses.asdict(self.run), dataset=self.run.data, epoch=result.epoch,
+        )
+        link_or_copy(epoch_path, self.rd.model)
+        keep = every is not None and result.epoch % every == 0
+        if not keep:
+            epoch_path.unlink()
+        write_history(self.rd.metrics, self.state.history)
+        self.save_state()
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """metrics.parquet: one row per epoch (the report's training curve)."""
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_parquet(tmp, index=False)
