@@ -11,6 +11,7 @@ except files in it::
       metrics.parquet             one row per epoch
       scores.parquet              one row per scored image
       decomposition.parquet
+      over_training.parquet       term means per epoch checkpoint (decompose --over-training)
       report/
     runs/latest                   text file naming the last run trained
 """
@@ -42,6 +43,7 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.parquet")
     scores = property(lambda self: self.root / "scores.parquet")
     decomposition = property(lambda self: self.root / "decomposition.parquet")
+    over_training = property(lambda self: self.root / "over_training.parquet")
     report = property(lambda self: self.root / "report")
     lock = property(lambda self: self.root / ".lock")
 
@@ -80,7 +82,8 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
         run = Path(pointer.read_text().strip())
     rd = RunDir(Path(run))
     if not rd.root.is_dir():
-        raise UserError(f"run directory {rd.root} does not exist: pass --run DIR of a trained run")
+        raise UserError(f"run directory {rd.root} does not exist: name the folder of a trained "
+                        "run (ood-audit train writes runs/<model>-<data>-<time>)")
     if need_model and not rd.model.exists():
         raise UserError(
             f"{rd.root} holds no model.safetensors: is it a run directory? "

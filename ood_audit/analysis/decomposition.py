@@ -164,7 +164,9 @@ class Gap:
         if not np.isfinite(self.log_px):
             return f"{self.label} vs {self.reference}: log p(x) gap undefined (non-finite scores)"
         way = "higher" if self.log_px > 0 else "lower"
-        text = (f"{self.label} vs {self.reference}: log p(x) {way} by {abs(self.log_px):,.0f} "
+        size = abs(self.log_px)
+        size_text = f"{size:,.0f}" if size >= 10 else f"{size:.2g}"
+        text = (f"{self.label} vs {self.reference}: log p(x) {way} by {size_text} "
                 f"nats ({self.bpd:+.3f} bits/dim)")
         if self.carrier and np.isfinite(self.share):
             text += f"; {pretty(self.carrier)} carries {self.share:.0%} of the gap"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -23,7 +24,7 @@ from ..scoring.schema import ScoresMeta, read_scores
 GROUP_KEYS = ["dataset", "role", "split", "transform"]
 
 
-def scores_location(rd: RunDir):
+def scores_location(rd: RunDir) -> Path:
     """``scores.parquet``, else a sharded ``scores/`` folder; UserError when neither exists."""
     if rd.scores.exists():
         return rd.scores

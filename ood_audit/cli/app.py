@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:  # click turns Ctrl-C inside a command into Abort
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors (bad option) -> exit 2 with one line
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except Exception as exc:
+        # Usage errors (unknown option, bad value) from click, or typer's vendored click:
+        # matched by shape so both work. One line, exit 2, pointing at --help.
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "ood-audit"
+            print(f"error: {exc.format_message()} (see {where} --help)", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
     # standalone_mode=False hands back --help's and typer.Exit's exit code as the value.

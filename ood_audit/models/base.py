@@ -22,6 +22,20 @@ class DensityModel(nn.Module):
         """Named per-sample terms, each shape ``[B]``; their sum is log p(x) in nats."""
         raise NotImplementedError  # abstract: every registered model overrides it
 
+    def score_columns(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """What the scorer writes per image: (terms that sum to log p(x), extra columns).
+
+        Extra columns (each ``[B]``) describe an image without being part of the sum,
+        e.g. PixelCNN++'s per-row log-likelihood summary. Default: no extras.
+        """
+        return self.log_prob_terms(x), {}
+
+    def set_score_option(self, name: str, value: object) -> None:
+        """Set a scoring-time option (a VAE's ``iw_samples``); unknown options are errors."""
+        from ..errors import UserError
+
+        raise UserError(f"{type(self).__name__} has no scoring option {name!r}")
+
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) in nats, shape ``[B]``: the sum of :meth:`log_prob_terms`."""
         return sum_terms(self.log_prob_terms(x))

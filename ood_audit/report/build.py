@@ -86,7 +86,7 @@ def run_names(runs: list[RunDir]) -> list[str]:
     """Short, unique names: the folder name, with its parent's when two folders share it."""
     names = [rd.root.name or str(rd.root) for rd in runs]
     out = []
-    for rd, name in zip(runs, names):
+    for rd, name in zip(runs, names, strict=True):
         if names.count(name) > 1:
             name = f"{rd.root.parent.name}/{name}"
         while name in out:
@@ -108,7 +108,10 @@ def _finite_std(v: np.ndarray) -> float:
 def verdict(row: dict) -> str:
     """A few words on one metric row (AUROC below 0.5 is the paper's paradox)."""
     auroc, lo, hi = row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"]
-    words = "paradox: model prefers OOD" if auroc < 0.5 else "detects OOD" if auroc >= 0.9 else "weak"
+    if auroc < 0.5:
+        words = "paradox: model prefers OOD"
+    else:
+        words = "detects OOD" if auroc >= 0.9 else "weak"
     if np.isfinite(lo) and lo <= 0.5 <= hi:
         words += " (CI includes chance)"
     return words
@@ -132,7 +135,8 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
         if not keep_in.any():
             raise UserError(f"{where}: every in-distribution test score of {det} is NaN; rescore")
         if not keep_in.all():
-            notes.append(f"{det}: {int((~keep_in).sum())} NaN in-distribution test score(s) left out")
+            notes.append(f"{det}: {int((~keep_in).sum())} NaN in-distribution test "
+                         "score(s) left out")
         roc[det] = []
         for oset in sets:
             s_ood = s.loc[oset.rows.index].to_numpy(float)
@@ -172,9 +176,7 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
         "version": meta.version, "checkpoint_sha256": meta.checkpoint_sha256,
         "dequant_seed": meta.dequant_seed, "run_config": meta.run_config,
         "adaptations": meta.adaptations, "extra": meta.extra,
-        "reference": tables.group_label(meta.in_dataset, "in", "test", "none")
-        if meta.in_dataset in set(ref["dataset"]) else tables.group_label(
-            ref["dataset"].iloc[0], "in", "test", "none"),
+        "reference": tables.group_label(ref["dataset"].iloc[0], "in", "test", "none"),
         "detectors": [{"name": d, "summary": DETECTORS[d].summary if d in DETECTORS
                        else "precomputed score column"} for d in scores],
         "sets": group_rows, "metrics": rows,
@@ -196,18 +198,25 @@ def _read_optional(path: Path) -> pd.DataFrame | None:
     try:
         return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
-        raise UserError(f"{path} is not readable ({type(exc).__name__}); delete or rewrite it") from None
+        raise UserError(
+            f"{path} is not readable ({type(exc).__name__}); delete or rewrite it") from None
 
 
 def figures_for(a: RunAnalysis) -> dict[str, bytes]:
     """PNG figures of one run, keyed ``<run>/<figure>``."""
     name = a.section["name"]
     model = a.section["model"]
+    # One colour per data set group in every figure: the histogram's order.
+    colors = {label: plots.color_for(i) for i, (label, _) in enumerate(a.bpd_groups)}
+    for s in a.section["sets"]:
+        colors.setdefault(tables.set_label(s["dataset"], s["transform"]), colors[s["label"]])
     figs = {f"{name}/hist": plots.bpd_histogram(
-        a.bpd_groups, f"{model} trained on {a.section['in_dataset']}: bits/dim")}
+        a.bpd_groups, f"{model} trained on {a.section['in_dataset']}: bits/dim", colors)}
     for det, curves in a.roc.items():
-        figs[f"{name}/roc-{det}"] = plots.roc_figure(curves, f"ROC, detector {det} ({name})")
-    bars = plots.decomposition_bars(a.decomposition, f"Which term moves log p(x)? ({name})")
+        figs[f"{name}/roc-{det}"] = plots.roc_figure(
+            curves, f"ROC, detector {det} ({name})", colors)
+    bars = plots.decomposition_bars(a.decomposition, f"Which term moves log p(x)? ({name})",
+                                    colors)
     if bars is not None:
         figs[f"{name}/decomposition"] = bars
     if a.training is not None:
@@ -217,8 +226,10 @@ def figures_for(a: RunAnalysis) -> dict[str, bytes]:
     return figs
 
 
-def build_report(runs: list[RunDir], out: Path, formats: list[str] | tuple[str, ...] = ("html", "md", "json"),
-                 gates: list[Gate | str] = (), *, n_boot: int = 1000, seed: int = 0) -> ReportResult:
+def build_report(runs: list[RunDir], out: Path,
+                 formats: list[str] | tuple[str, ...] = ("html", "md", "json"),
+                 gates: list[Gate | str] = (), *, n_boot: int = 1000,
+                 seed: int = 0) -> ReportResult:
     """Analyse ``runs``, write the requested formats into ``out``, evaluate ``gates``.
 
     Gates are parsed and checked against the data before anything is written, so a bad
@@ -230,7 +241,8 @@ def build_report(runs: list[RunDir], out: Path, formats: list[str] | tuple[str, 
     formats = list(formats)
     parsed = [g if isinstance(g, Gate) else parse_gate(g) for g in gates]
     names = run_names(runs)
-    analyses = [analyse_run(rd, n, n_boot=n_boot, seed=seed) for rd, n in zip(runs, names)]
+    analyses = [analyse_run(rd, n, n_boot=n_boot, seed=seed)
+                for rd, n in zip(runs, names, strict=True)]
     rows = [r for a in analyses for r in a.section["metrics"]]
     results = evaluate_gates(parsed, rows)
     out = Path(out)
@@ -248,7 +260,9 @@ def build_report(runs: list[RunDir], out: Path, formats: list[str] | tuple[str, 
     }
     summary = render.jsonable(summary)
     files: dict[str, Path] = {}
-    figs = {k: v for a in analyses for k, v in figures_for(a).items()}
+    # Figures are the slow part (matplotlib): only drawn for a format that shows them.
+    drawn = "html" in formats or "md" in formats
+    figs = {k: v for a in analyses for k, v in figures_for(a).items()} if drawn else {}
     if "html" in formats:
         files["html"] = out / FORMAT_FILES["html"]
         atomic_write_text(files["html"], render.render_html(summary, figs))
@@ -275,7 +289,8 @@ def append_step_summary(path: Path, markdown: str, limit: int = STEP_SUMMARY_LIM
     """
     path = Path(path)
     used = path.stat().st_size if path.exists() else 0
-    note = "\n\n_(ood-audit: summary truncated to stay under GitHub's 1 MiB limit; see report.md)_\n"
+    note = ("\n\n_(ood-audit: summary truncated to stay under GitHub's 1 MiB limit; "
+            "see report.md)_\n")
     budget = limit - 1 - used
     data = markdown.encode("utf-8")
     if len(data) > budget:

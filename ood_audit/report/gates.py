@@ -65,7 +65,8 @@ class GateResult:
         g = self.gate
         shown = "NaN" if math.isnan(self.value) else f"{self.value:.4f}"
         verdict = "holds" if self.passed else "fails"
-        return f"{self.run}: {g.dataset} {g.detector} {g.metric} = {shown}, needs {g.op} {g.bound:g}: {verdict}"
+        return (f"{self.run}: {g.dataset} {g.detector} {g.metric} = {shown}, "
+                f"needs {g.op} {g.bound:g}: {verdict}")
 
 
 def parse_gate(expr: str) -> Gate:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..analysis.decomposition import pretty
 
@@ -39,24 +40,29 @@ def color_for(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
 
 
-def bpd_histogram(groups: list[tuple[str, np.ndarray]], title: str) -> bytes:
+def bpd_histogram(groups: list[tuple[str, np.ndarray]], title: str,
+                  colors: dict[str, str] | None = None) -> bytes:
     """Density-normalised bits/dim histograms on shared bins (the paper's Figure 1 style).
 
     ``groups``: (label, bpd values) in display order; in-distribution train, test, then
     each OOD set. Non-finite values are left out (and counted in the legend).
+    ``colors``: label -> colour, so a set keeps its colour across figures.
     """
+    colors = colors or {}
     fig, (ax,) = _figure()
     clean = [(label, np.asarray(v, float)) for label, v in groups]
     finite = [v[np.isfinite(v)] for _, v in clean]
     pooled = np.concatenate([v for v in finite if v.size] or [np.zeros(1)])
     edges = np.histogram_bin_edges(pooled, bins=60)
-    for i, ((label, v), f) in enumerate(zip(clean, finite)):
+    for i, ((label, v), f) in enumerate(zip(clean, finite, strict=True)):
         if not f.size:
             continue
         dropped = v.size - f.size
-        text = f"{label} (mean {f.mean():.3f}, n={f.size}{f', {dropped} non-finite' if dropped else ''})"
+        extra = f", {dropped} non-finite" if dropped else ""
+        text = f"{label} (mean {f.mean():.3f}, n={f.size}{extra})"
+        c = colors.get(label, color_for(i))
         ax.hist(f, bins=edges, density=True, histtype="stepfilled", alpha=0.35,
-                color=color_for(i), edgecolor=color_for(i), linewidth=1.2, label=text)
+                color=c, edgecolor=c, linewidth=1.2, label=text)
     ax.set_xlabel("bits/dim (lower = higher likelihood)")
     ax.set_ylabel("density")
     ax.set_title(title)
@@ -64,16 +70,18 @@ def bpd_histogram(groups: list[tuple[str, np.ndarray]], title: str) -> bytes:
     return _png(fig)
 
 
-def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: str) -> bytes:
+def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: str,
+               colors: dict[str, str] | None = None) -> bytes:
     """ROC curves of one detector, one per OOD set: (label, fpr, tpr, auroc).
 
     In-distribution is the positive class, so a curve below the diagonal means the
     detector ranks that OOD set as more in-distribution than the real test data.
     """
+    colors = colors or {}
     fig, (ax,) = _figure(5.2, 4.6)
     ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="chance")
     for i, (label, fpr, tpr, auroc) in enumerate(curves):
-        ax.plot(fpr, tpr, color=color_for(i + 2), linewidth=1.8,
+        ax.plot(fpr, tpr, color=colors.get(label, color_for(i + 2)), linewidth=1.8,
                 label=f"{label} (AUROC {auroc:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -84,7 +92,8 @@ def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: s
     return _png(fig)
 
 
-def decomposition_bars(table: pd.DataFrame, title: str) -> bytes | None:
+def decomposition_bars(table: pd.DataFrame, title: str,
+                       colors: dict[str, str] | None = None) -> bytes | None:
     """Bars of each term's mean difference from in-distribution test, per set and level.
 
     One panel per term group (log p(z), log|det|): x = level (and the group total), one
@@ -92,6 +101,7 @@ def decomposition_bars(table: pd.DataFrame, title: str) -> bytes | None:
     terms. Positive bars push that set's log p(x) above the in-distribution test mean.
     ``table`` is a :func:`~ood_audit.analysis.decomposition.decompose` table.
     """
+    colors = colors or {}
     ref = (table["role"] == "in") & (table["split"] == "test") & (table["transform"] == "none")
     rows = table[~ref]
     labels = list(dict.fromkeys(rows["label"]))
@@ -102,25 +112,27 @@ def decomposition_bars(table: pd.DataFrame, title: str) -> bytes | None:
         g = table[(table["group"] == group) & table["layer_kind"].isna()
                   & table["level"].notna()].drop_duplicates("term")
         cats = [(f"level {int(lv)}", term) for lv, term in
-                sorted(zip(g["level"], g["term"]), key=lambda x: int(x[0]))]
+                sorted(zip(g["level"], g["term"], strict=True), key=lambda x: int(x[0]))]
         panels.append((pretty(group), cats + [("total", group)]))
     if not panels:
         tops = table[table["top_level"].astype(bool)].drop_duplicates("term")["term"]
         panels.append(("terms", [(pretty(t), t) for t in tops]))
-    fig, axes = _figure(max(4.5, 3.6 * len(panels)), 4.0, ncols=len(panels))
+    fig, axes = _figure(max(4.5, 3.6 * len(panels)), 4.4, ncols=len(panels))
     width = 0.8 / len(labels)
-    for ax, (name, cats) in zip(axes, panels):
+    for ax, (name, cats) in zip(axes, panels, strict=True):
         x = np.arange(len(cats))
         for i, label in enumerate(labels):
             sub = rows[rows["label"] == label].set_index("term")["diff_vs_in"]
             vals = [float(sub.get(term, np.nan)) for _, term in cats]
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width,
-                   color=color_for(i + 1), label=label)
+                   color=colors.get(label, color_for(i + 1)), label=label)
         ax.axhline(0, color="#333333", linewidth=0.8)
         ax.set_xticks(x, [c for c, _ in cats], fontsize=8)
         ax.set_title(name)
         ax.set_ylabel("difference from in-dist. test (nats)")
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    # Below the panels, so it never hides a bar.
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), fontsize=8)
     fig.suptitle(title)
     return _png(fig)
 
@@ -135,6 +147,7 @@ def training_curve(metrics: pd.DataFrame, title: str) -> bytes | None:
     for i, col in enumerate(cols):
         ax.plot(metrics["epoch"], metrics[col], marker="o", markersize=3,
                 color=color_for(i), label=col.removesuffix("_bpd"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("bits/dim")
     ax.set_title(title)

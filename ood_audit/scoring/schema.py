@@ -58,6 +58,8 @@ class ScoresMeta:
     dequant_seed: int
     adaptations: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+    #: per-image columns a model writes outside the sum (e.g. a per-row log-lik summary)
+    extra_columns: list[str] = field(default_factory=list)
 
     def to_arrow(self) -> dict[bytes, bytes]:
         plain = {
@@ -71,6 +73,7 @@ class ScoresMeta:
             "dequant_seed": str(self.dequant_seed),
             "adaptations": json.dumps(self.adaptations),
             "extra": json.dumps(self.extra),
+            "extra_columns": json.dumps(self.extra_columns),
         }
         return {(META_PREFIX + k).encode(): v.encode() for k, v in plain.items()}
 
@@ -101,6 +104,7 @@ class ScoresMeta:
                 dequant_seed=int(plain["dequant_seed"]),
                 adaptations=json.loads(plain.get("adaptations", "{}")),
                 extra=json.loads(plain.get("extra", "{}")),
+                extra_columns=json.loads(plain.get("extra_columns", "[]")),
             )
         except (KeyError, ValueError) as exc:
             raise UserError(f"{path}: damaged ood_audit metadata ({exc}); rescore") from None

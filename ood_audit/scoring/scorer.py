@@ -87,14 +87,15 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
         for start in range(0, len(chunk), batch_size):
             x = chunk[start:start + batch_size].to(device, non_blocking=True)
             # Sum in float64 so the written terms add up to the written log_px exactly.
-            terms = {k: v.double() for k, v in model.log_prob_terms(x).items()}
+            raw_terms, extras = model.score_columns(x)
+            terms = {k: v.double() for k, v in raw_terms.items()}
             log_px = sum_terms(terms)
             cols: dict[str, np.ndarray] = {
                 "log_px": log_px.cpu().numpy(),
                 "bpd": bits_per_dim(log_px, n_dims).cpu().numpy(),
             }
-            for name, value in terms.items():
-                cols[name] = value.cpu().numpy()
+            for name, value in {**terms, **extras}.items():
+                cols[name] = value.double().cpu().numpy()
             idx = np.arange(offset + start, offset + start + len(x), dtype=np.int64)
             cols["index"] = idx
             cols["label"] = job.images.labels[idx].numpy()
@@ -128,11 +129,12 @@ class ScoresWriter:
         self.writer.close()
 
 
-def model_terms(model: DensityModel, device: torch.device) -> list[str]:
-    """The model's term names, read off one tiny forward pass."""
+def model_columns(model: DensityModel, device: torch.device) -> tuple[list[str], list[str]]:
+    """The model's term names and extra column names, read off one tiny forward pass."""
     with torch.inference_mode():
         x = torch.full((1, *model.input_shape), 0.5, device=device)
-        return list(model.log_prob_terms(x))
+        terms, extras = model.score_columns(x)
+        return list(terms), list(extras)
 
 
 def build_jobs(info: CheckpointInfo, ood: list[str], *, root: Path | None, download: bool,
@@ -173,16 +175,16 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     import time
 
     progress = progress or ScoreProgress()
-    terms = model_terms(model, device)
+    terms, extras = model_columns(model, device)
     groups = totals_for(terms)
     meta = ScoresMeta(
         version=__version__, schema_version=SCHEMA_VERSION, model=info.model,
         in_dataset=info.dataset, terms=terms, run_config=info.run_config,
         checkpoint_sha256=info.sha256, dequant_seed=seed,
         adaptations={j.images.name: j.images.adaptation for j in jobs if j.images.adaptation},
-        extra={"epoch": str(info.epoch), "device": str(device)},
+        extra={"epoch": str(info.epoch), "device": str(device)}, extra_columns=extras,
     )
-    schema = arrow_schema(terms, list(groups), [], meta)
+    schema = arrow_schema(terms, [*groups, *extras], [], meta)
     summaries = []
     model.eval()
     with atomic_path(out) as tmp:

@@ -12,7 +12,7 @@ import yaml
 from ..config import RunConfig, from_dict, load_yaml
 from ..data import DATASETS, load_dataset
 from ..errors import UserError
-from ..models.registry import build_model, resolve_model_config
+from ..models.registry import build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, run_lock, set_latest
 from .trainer import EpochResult, Trainer, TrainProgress, pick_device
 
@@ -62,6 +62,10 @@ def train_run(
         if rd.model.exists() or rd.train_state.exists():
             raise UserError(f"{rd.root} already holds a run: continue it with --resume, "
                             "or pass another --out")
+    spec = get_spec(config.model)  # fail on a bad model or preset before loading data
+    if config.preset not in spec.presets:
+        raise UserError(f"model {config.model!r} has no preset {config.preset!r}; "
+                        f"choose one of: {', '.join(spec.presets)}")
     if config.data not in DATASETS and not Path(config.data).exists():
         raise UserError(f"unknown data set {config.data!r}; choose one of: "
                         f"{', '.join(DATASETS)} or give a path to a .npy/.npz file or image folder")

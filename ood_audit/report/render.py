@@ -1,0 +1,325 @@
+"""Format a report summary as HTML (self-contained) or Markdown.
+
+Both renderers read only the summary dict that becomes ``summary.json`` (and the PNG
+figures), and build their tables through the same :class:`Table` rows, so the HTML, the
+Markdown and the JSON never disagree on a number. The HTML embeds its images as base64
+data URIs, inlines its CSS, fetches nothing, and reflows on a phone (viewport meta,
+one column below ~30rem, scrollable tables).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..analysis.decomposition import pretty
+
+
+def jsonable(obj):
+    """A copy with NaN/inf as None and numpy scalars as Python ones (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()  # numpy scalar
+    if obj is None or obj is pd.NA:
+        return None
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "figure"
+
+
+def num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if round(x, digits) == 0:
+            x = 0.0  # no "-0.000" for a difference that is zero up to rounding
+        return f"{x:,.{digits}f}" if abs(x) < 1e6 else f"{x:.3g}"
+    return str(x)
+
+
+def pct(x: float) -> str:
+    return f"{0.0 if round(x, 2) == 0 else x:.0%}"
+
+
+def with_ci(row: dict, metric: str) -> str:
+    lo, hi = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    text = num(row.get(metric))
+    return f"{text} [{num(lo)}, {num(hi)}]" if lo is not None and hi is not None else text
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # one CSS class per row ("" for none)
+
+    def add(self, cells: list, cls: str = "") -> None:
+        self.rows.append([c if isinstance(c, str) else num(c) for c in cells])
+        self.classes.append(cls)
+
+
+METRIC_HEADERS = ["AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR", "OOD above in-median"]
+METRIC_KEYS = ["auroc", "aupr_in", "aupr_out", "fpr95", "share_above_median"]
+
+
+def metric_table(rows: list[dict], with_run: bool, compact: bool = False) -> Table:
+    """One row per (run,) detector and OOD set; ``compact`` (a terminal) drops the sample
+    sizes and all intervals but AUROC's."""
+    heads = ["detector", "OOD set"] + ([] if compact else ["n in / OOD"])
+    t = Table((["run"] if with_run else []) + heads + METRIC_HEADERS
+              + ["bits/dim in → OOD", "verdict"])
+    for r in rows:
+        cells = ([r["run"]] if with_run else []) + [r["detector"], r["ood_set"]]
+        if not compact:
+            cells.append(f"{num(r['n_in'])} / {num(r['n_ood'])}")
+        cells += [with_ci(r, k) if not compact or k == "auroc" else num(r[k]) for k in METRIC_KEYS]
+        cells += [f"{num(r['mean_bpd_in'])} → {num(r['mean_bpd_ood'])}", r["verdict"]]
+        t.add(cells, "paradox" if (r["auroc"] is not None and r["auroc"] < 0.5) else "")
+    return t
+
+
+def gate_table(gates: list[dict]) -> Table:
+    t = Table(["gate", "run", "value", "result"])
+    for g in gates:
+        t.add([g["expr"], g["run"], num(g["value"], 4), "PASS" if g["passed"] else "FAIL"],
+              "pass" if g["passed"] else "fail")
+    return t
+
+
+def run_meta_table(run: dict) -> Table:
+    t = Table(["", ""])
+    sha = run.get("checkpoint_sha256") or ""
+    adapt = ", ".join(f"{k}: {v}" for k, v in (run.get("adaptations") or {}).items()) or "none"
+    cfg = run.get("run_config") or {}
+    for key, value in [("model", run["model"]), ("preset", cfg.get("preset", "–")),
+                       ("trained on", run["in_dataset"]), ("reference set", run["reference"]),
+                       ("shape adaptations", adapt),
+                       ("checkpoint sha256", sha[:16] + "…" if sha else "–"),
+                       ("dequantization seed", run.get("dequant_seed")),
+                       ("ood-audit version", run.get("version")), ("run directory", run["path"])]:
+        t.add([key, value if isinstance(value, str) else num(value)])
+    return t
+
+
+def sets_table(run: dict) -> Table:
+    t = Table(["set", "role", "n", "bits/dim (mean ± sd)", "log p(x) nats (mean ± sd)"])
+    for s in run["sets"]:
+        extra = f" ({s['n_nonfinite']} non-finite)" if s.get("n_nonfinite") else ""
+        t.add([s["label"], s["role"], num(s["n"]) + extra,
+               f"{num(s['mean_bpd'])} ± {num(s['std_bpd'])}",
+               f"{num(s['mean_log_px'], 1)} ± {num(s['std_log_px'], 1)}"])
+    return t
+
+
+_ORDER = {"total": 0, "group": 1, "level": 2, "layer_kind": 3, "term": 4}
+
+
+def decomposition_tables(records: list[dict], reference: str) -> tuple[Table, Table]:
+    """(per-set means of log p(x) and its top-level terms, per-term gaps of every other set).
+
+    ``records``: a decomposition table as JSON-ready records; ``reference``: its
+    in-distribution test label. Gap rows: totals, groups, per level, per layer kind, terms.
+    """
+    top = list(dict.fromkeys(r["term"] for r in records if r["top_level"]))
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    by = {(r["label"], r["term"]): r for r in records}
+    means = Table(["set", *[f"{pretty(t)} (mean ± sd)" for t in ["log_px", *top]]])
+    for label in labels:
+        means.add([label, *[f"{num(by[(label, t)]['mean'], 1)} ± {num(by[(label, t)]['std'], 1)}"
+                            for t in ["log_px", *top]]])
+    others = [lb for lb in labels if lb != reference]
+    first = [r for r in records if r["label"] == labels[0] and r["term"] != "bpd"]
+    order = [r["term"] for r in sorted(first, key=lambda r: (
+        r["aggregate"] != "total", not r["top_level"], _ORDER.get(r["aggregate"], 9)))]
+    diffs = Table(["term", *[f"{lb}: diff (share)" for lb in others]])
+    for term in order:
+        cells = []
+        for lb in others:
+            r = by.get((lb, term))
+            share = None if r is None else r["share_of_gap"]
+            cells.append("–" if r is None else num(r["diff_vs_in"], 1)
+                         + (f" ({pct(share)})" if share is not None else ""))
+        diffs.add([pretty(term), *cells], "top" if term in top or term == "log_px" else "")
+    return means, diffs
+
+
+def over_training_table(records: list[dict]) -> Table:
+    """The over-training table: one row per epoch, one column per (data set, term) mean,
+    pivoted from ``decompose --over-training``'s long rows (epoch, dataset, term, mean);
+    any other shape is shown as it is."""
+    needed = {"epoch", "dataset", "term", "mean"}
+    if not records or not needed <= set(records[0]):
+        return records_table(records)
+    present = {r["term"] for r in records}
+    terms = [t for t in ("bpd", "log_px", "log_pz", "logdet") if t in present]
+    cols = list(dict.fromkeys((r["dataset"], r["term"]) for r in records if r["term"] in terms))
+    cols.sort(key=lambda c: terms.index(c[1]))
+    cell = {(r["epoch"], r["dataset"], r["term"]): r["mean"] for r in records}
+    t = Table(["epoch", *[f"{d} {pretty(term)}" for d, term in cols]])
+    for epoch in sorted({r["epoch"] for r in records}):
+        t.add([epoch, *[num(cell.get((epoch, d, term)), 3 if term == "bpd" else 1)
+                        for d, term in cols]])
+    return t
+
+
+def records_table(records: list[dict]) -> Table:
+    headers = list(dict.fromkeys(k for r in records for k in r))
+    t = Table(headers)
+    for r in records:
+        t.add([r.get(h) for h in headers])
+    return t
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1500px;
+padding:1rem;color:#222;line-height:1.45}
+h1{font-size:1.5rem}h2{font-size:1.25rem;border-bottom:2px solid #ddd;padding-bottom:.2rem}
+h3{font-size:1.05rem;margin-top:1.4rem}
+.runs{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:1.5rem}
+.run{min-width:0}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+img{max-width:100%;height:auto;display:block;margin:.5rem 0}
+table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0}
+th,td{padding:.25rem .5rem;border-bottom:1px solid #e3e3e3;text-align:left;white-space:nowrap}
+th{background:#f5f5f5}.note{color:#555;font-size:.9rem}
+tr.paradox td{background:#fdecea}tr.fail td{background:#fdecea;font-weight:600}
+tr.pass td:last-child{color:#1a7f37;font-weight:600}tr.top td{font-weight:600}
+pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}
+.banner{padding:.6rem .8rem;border-radius:4px;margin:.6rem 0}
+.banner.fail{background:#fdecea;border:1px solid #e0a0a0}
+.banner.pass{background:#e9f7ef;border:1px solid #9fd5b3}
+"""
+
+
+def _html_table(t: Table) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in t.headers)
+    body = "".join(
+        f'<tr{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>'
+        + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
+        for row, cls in zip(t.rows, t.classes, strict=True))
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _img(figs: dict[str, bytes], key: str, alt: str) -> str:
+    if key not in figs:
+        return ""
+    data = base64.b64encode(figs[key]).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def render_html(summary: dict, figs: dict[str, bytes]) -> str:
+    """One self-contained HTML page; ``figs`` maps ``<run>/<figure>`` to PNG bytes."""
+    e = html.escape
+    runs = summary["runs"]
+    parts = [f"<h1>ood-audit report: {e(', '.join(r['name'] for r in runs))}</h1>",
+             f'<p class="note">ood-audit {e(summary["version"])}, generated '
+             f'{e(summary["generated_at"])}. Nalisnick et al., "Do Deep Generative Models Know '
+             "What They Don't Know?\" (ICLR 2019).</p>"]
+    if summary["gates"]:
+        ok = summary["gates_passed"]
+        failed = [g["detail"] for g in summary["gates"] if not g["passed"]]
+        parts.append(f'<h2>CI gates</h2><div class="banner {"pass" if ok else "fail"}">'
+                     + ("All gates hold." if ok else "Gate(s) failed: " + e("; ".join(failed)))
+                     + "</div>" + _html_table(gate_table(summary["gates"])))
+    parts.append("<h2>Detection metrics</h2>"
+                 f'<p class="note">{e(summary["convention"])}</p>'
+                 + _html_table(metric_table(summary["metrics"], with_run=len(runs) > 1)))
+    cols = []
+    for run in runs:
+        n = run["name"]
+        means, diffs = decomposition_tables(run["decomposition"], run["reference"])
+        sec = [f'<section class="run"><h2>{e(n)}</h2>', "<h3>Model, data and config</h3>",
+               _html_table(run_meta_table(run)),
+               "<details><summary>run config</summary>"
+               f"<pre>{e(json.dumps(run['run_config'], indent=2))}</pre></details>",
+               "<h3>Likelihood per data set (bits/dim)</h3>",
+               _img(figs, f"{n}/hist", "bits/dim histograms"),
+               _html_table(sets_table(run)), "<h3>ROC curves</h3>"]
+        sec += [_img(figs, f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
+        sec += ["<h3>Metrics</h3>", _html_table(metric_table(run["metrics"], with_run=False)),
+                "<h3>Decomposition: which term carries the gap</h3>",
+                "<ul>" + "".join(f"<li>{e(g['sentence'])}</li>" for g in run["gaps"]) + "</ul>",
+                _img(figs, f"{n}/decomposition", "decomposition bars"),
+                _html_table(means), f'<p class="note">Difference from {e(run["reference"])} '
+                "(nats per image; share of the log p(x) gap):</p>", _html_table(diffs),
+                "<h3>Training curve</h3>",
+                _img(figs, f"{n}/training", "training curve")
+                or '<p class="note">No metrics.parquet in this run.</p>']
+        if run.get("over_training"):
+            sec += ["<h3>Over training</h3>",
+                    _html_table(over_training_table(run["over_training"]))]
+        if run.get("notes"):
+            items = "".join(f"<li>{e(x)}</li>" for x in run["notes"])
+            sec.append(f'<ul class="note">{items}</ul>')
+        cols.append("".join(sec) + "</section>")
+    parts.append(f'<div class="runs">{"".join(cols)}</div>')
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>ood-audit report</title><style>{_CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_table(t: Table) -> str:
+    def cell(c: str) -> str:
+        return c.replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(h) or " " for h in t.headers) + " |",
+             "|" + "---|" * len(t.headers)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
+    """The report as GitHub Markdown; ``fig_paths`` (key -> relative PNG path) or None
+    for a text-only version (the CI job summary)."""
+    runs = summary["runs"]
+    out = [f"# ood-audit report: {', '.join(r['name'] for r in runs)}\n",
+           f"_ood-audit {summary['version']}, generated {summary['generated_at']}._\n"]
+    if summary["gates"]:
+        ok = summary["gates_passed"]
+        out.append("## CI gates\n\n" + ("**All gates hold.**\n" if ok else "**Gate(s) failed.**\n")
+                   + "\n" + _md_table(gate_table(summary["gates"])))
+    out.append("## Detection metrics\n\n" + summary["convention"] + "\n\n"
+               + _md_table(metric_table(summary["metrics"], with_run=len(runs) > 1)))
+
+    def img(key: str, alt: str) -> str:
+        return f"![{alt}]({fig_paths[key]})\n" if fig_paths and key in fig_paths else ""
+
+    for run in runs:
+        n = run["name"]
+        means, diffs = decomposition_tables(run["decomposition"], run["reference"])
+        out += [f"## Run {n}\n", _md_table(run_meta_table(run)),
+                img(f"{n}/hist", "bits/dim histograms"),
+                "### Likelihood per data set\n", _md_table(sets_table(run))]
+        out += [img(f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
+        out += ["### Decomposition\n", "".join(f"- {g['sentence']}\n" for g in run["gaps"]),
+                img(f"{n}/decomposition", "decomposition"), _md_table(means),
+                f"\nDifference from {run['reference']} "
+                "(nats per image; share of the log p(x) gap):\n\n",
+                _md_table(diffs), img(f"{n}/training", "training curve")]
+        if run.get("over_training"):
+            out += ["### Over training\n", _md_table(over_training_table(run["over_training"]))]
+        if run.get("notes"):
+            out.append("".join(f"- note: {x}\n" for x in run["notes"]))
+    return "\n".join(x for x in out if x)
