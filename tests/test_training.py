@@ -36,7 +36,7 @@ def test_run_directory_contents(tiny_run):
 
 
 def test_training_lowers_bits_per_dim(tiny_data, tmp_path):
-    out = train_run(_cfg(tiny_data, epochs=3, lr=3e-3, limit=256, test_limit=64),
+    out = train_run(_cfg(tiny_data, epochs=3, lr=3e-3, limit=128, test_limit=64),
                     tmp_path / "r", runs_root=tmp_path, log=lambda m: None)
     bpds = [r.test_bpd for r in out.results]
     assert bpds[-1] < bpds[0] - 0.05, bpds
