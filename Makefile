@@ -16,7 +16,6 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints/x86_64.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 

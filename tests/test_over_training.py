@@ -36,7 +36,8 @@ def test_last_epoch_equals_scoring_the_final_model(table, tiny_run):
     model, info = load_checkpoint(RunDir(tiny_run).model)
     from ood_audit.data import load_dataset
 
-    job = ScoreJob(load_dataset("noise-uniform", "test", limit=40, shape=info.input_shape), "ood")
+    job = ScoreJob(load_dataset("noise-uniform", "test", limit=40, shape=info.input_shape,
+                                seed=5), "ood")  # build_jobs seeds synthetic sets too
     log_px = np.concatenate([c["log_px"] for c in score_images(model, job, 16,
                                                               torch.device("cpu"), 5)])
     got = table.query("epoch == 2 and dataset == 'noise-uniform' and term == 'log_px'")["mean"]

@@ -16,6 +16,8 @@ from ..config import from_dict
 from ..errors import UserError
 from .base import DensityModel
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
+from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
+from .vae import VAE, VAE_PRESETS, VAEConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,25 @@ MODELS: dict[str, ModelSpec] = {
         fixed={"coupling": "additive"},
         fit=fit_levels,
         build=Glow,
+    ),
+    "vae": ModelSpec(
+        name="vae",
+        summary="conv VAE, discretized logistic decoder, scored by the IWAE bound "
+                "(Kingma & Welling 2014; Burda et al. 2016)",
+        config_cls=VAEConfig,
+        presets=VAE_PRESETS,
+        fixed={},
+        build=VAE,
+    ),
+    "pixelcnn": ModelSpec(
+        name="pixelcnn",
+        summary="PixelCNN++: gated two-stream autoregressive model, discretized logistic "
+                "mixture (Salimans et al. 2017)",
+        config_cls=PixelCNNConfig,
+        presets=PIXELCNN_PRESETS,
+        fixed={},
+        fit=fit_resolutions,
+        build=PixelCNN,
     ),
 }
 
