@@ -7,10 +7,11 @@ wrong types are a :class:`~ood_audit.errors.UserError` naming the key, never ign
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -101,9 +102,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping, turning I/O and syntax errors into one-line user errors."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a YAML text file (not UTF-8)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -123,10 +126,15 @@ def to_dict(obj: Any) -> dict:
 
 
 def require_positive(**values: int | float | None) -> None:
-    """Raise a UserError naming the first value that is zero or negative."""
+    """Raise a UserError naming the first value that is zero, negative, NaN or infinite."""
     for name, value in values.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
+        if value is not None and not (0 < value < math.inf):
+            raise UserError(f"{name} must be a positive finite number, got {value}"
+                            if isinstance(value, float) else f"{name} must be positive, got {value}")
+
+
+#: Seeds torch.manual_seed accepts without wrapping: 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -145,6 +153,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     keep_checkpoints: str = "all"  # all | last | every:N  (per-epoch copies, for over-training)
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
+    # Background model of the likelihood-ratio detector (Ren et al. 2019): each training
+    # pixel is replaced, with this probability, by a uniform random value in 0..255.
+    perturb_mu: float = 0.0
 
     def __post_init__(self) -> None:
         require_positive(
@@ -152,8 +163,13 @@ class TrainConfig:
             max_grad_norm=self.max_grad_norm, limit=self.limit, test_limit=self.test_limit,
             max_bad_steps=self.max_bad_steps,
         )
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise UserError("warmup_steps and weight_decay must be zero or positive")
+        if self.warmup_steps < 0 or not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"warmup_steps and weight_decay must be zero or positive (and "
+                            f"finite), got {self.warmup_steps} and {self.weight_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if not 0.0 <= self.perturb_mu < 1.0:
+            raise UserError(f"perturb_mu (--mu) must be in [0, 1), got {self.perturb_mu}")
         keep_every(self.keep_checkpoints)  # validates
 
 

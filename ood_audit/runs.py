@@ -12,6 +12,7 @@ except files in it::
       scores.parquet              one row per scored image
       decomposition.parquet
       over_training.parquet       term means per epoch checkpoint (decompose --over-training)
+      pixel_maps.npz              per-pixel log-likelihood of a few images (PixelCNN++)
       report/
     runs/latest                   text file naming the last run trained
 """
@@ -44,6 +45,7 @@ class RunDir:
     scores = property(lambda self: self.root / "scores.parquet")
     decomposition = property(lambda self: self.root / "decomposition.parquet")
     over_training = property(lambda self: self.root / "over_training.parquet")
+    pixel_maps = property(lambda self: self.root / "pixel_maps.npz")
     report = property(lambda self: self.root / "report")
     lock = property(lambda self: self.root / ".lock")
 
@@ -66,7 +68,6 @@ def new_run_name(model: str, data: str) -> str:
 
 def set_latest(run: Path, runs_root: Path = RUNS_ROOT) -> None:
     """Point ``runs/latest`` at ``run`` (a text file, so it works on every OS)."""
-    runs_root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(runs_root / LATEST, str(Path(run).resolve()) + "\n")
 
 
@@ -92,6 +93,43 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
     return rd
 
 
+def ensure_dir(folder: Path, what: str = "folder") -> None:
+    """Create ``folder`` (and parents), or a UserError naming it: a file in the way, no
+    permission, a read-only disk."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise UserError(f"{folder} is a file, not a {what}: name a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {folder}: {exc.strerror or exc}") from None
+
+
+def _temp_in(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` (same file system, so the rename is atomic)."""
+    ensure_dir(path.parent)
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (power loss); a no-op where unsupported."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _umask_mode() -> int:
     """The mode a plain open() would give a new file (mkstemp's is 0600)."""
     mask = os.umask(0)
@@ -105,8 +143,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     A reader never sees a half-written file, even if the process dies mid-write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_in(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -114,10 +151,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -128,8 +170,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write to; renamed over ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_in(path)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -140,24 +181,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
 def run_lock(rd: RunDir, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on the run directory so two writers never interleave."""
+    """Hold an exclusive lock on the run directory so two writers never interleave.
+
+    The lock is an ``flock`` on ``RUN/.lock``, released by the kernel when the process
+    ends however it ends (even SIGKILL), so a stale file never blocks a later run. The
+    file names the holder (``pid N (what)``) for the second process's message.
+    """
     import fcntl
 
-    rd.root.mkdir(parents=True, exist_ok=True)
-    fh = open(rd.lock, "a+")
+    ensure_dir(rd.root, "run directory")
+    try:
+        fh = open(rd.lock, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot lock {rd.root} ({rd.lock}: {exc.strerror or exc}); "
+                        "is the run directory writable?") from None
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise UserError(
-                f"{rd.root} is in use by {holder}; wait for it to finish or use another --out"
-            ) from None
+            raise _in_use(rd, fh.read()) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} ({what})")
@@ -165,3 +213,30 @@ def run_lock(rd: RunDir, what: str) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def refuse_if_locked(rd: RunDir) -> None:
+    """Raise the "in use" UserError now if another process holds ``rd``'s lock.
+
+    Creates nothing: a command calls it before its own checks, so a second ``train`` on
+    a busy run says who holds it rather than "already holds a run".
+    """
+    import fcntl
+
+    if not rd.lock.is_file():
+        return
+    try:
+        fh = open(rd.lock)
+    except OSError:
+        return  # run_lock will say why it cannot open the file
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(rd, fh.read()) from None
+        # the probe lock goes with the file's closing
+
+
+def _in_use(rd: RunDir, holder: str) -> UserError:
+    return UserError(f"{rd.root} is in use by {holder.strip() or 'another process'}; wait "
+                     "for it to finish, or use another --out")

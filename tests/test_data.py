@@ -114,8 +114,9 @@ def test_truncated_idx_file_is_user_error(tmp_path):
 
 
 def test_registry_names_and_specs():
-    assert list(DATASETS) == ["fashionmnist", "mnist", "noise-uniform", "noise-gaussian",
-                              "constant"]
+    assert list(DATASETS) == ["fashionmnist", "mnist", "kmnist", "omniglot", "cifar10",
+                              "cifar100", "svhn", "celeba", "imagenet32", "noise-uniform",
+                              "noise-gaussian", "constant"]
     for name, spec in DATASETS.items():
         assert spec.name == name and "\n" not in spec.summary and spec.summary
         assert set(spec.splits) == {"train", "test"}

@@ -27,7 +27,7 @@ def test_one_row_per_epoch_set_and_term(table, tiny_run):
 
 
 def test_terms_add_up_per_epoch(table):
-    for (epoch, dataset), sub in table.groupby(["epoch", "dataset"]):
+    for _, sub in table.groupby(["epoch", "dataset"]):
         m = sub.set_index("term")["mean"]
         assert m["log_pz"] + m["logdet"] == pytest.approx(m["log_px"], abs=1e-6)
 

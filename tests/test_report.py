@@ -144,6 +144,9 @@ def test_precomputed_and_unknown_detector_columns_appear(tmp_path):
     res = build_report([rd], tmp_path / "out", formats=["json"], n_boot=0)
     assert {r["detector"] for r in res.rows} == {"likelihood", "typicality"}
     with pytest.raises(UserError, match="unknown detector"):
+        detector_scores(df, meta, ["no-such-detector"])
+    # likelihood-ratio is registered now: without a background model it says what to do
+    with pytest.raises(UserError, match="train --background"):
         detector_scores(df, meta, ["likelihood-ratio"])
 
 

@@ -52,7 +52,7 @@ def test_resume_continues_the_same_trajectory(tiny_data, tmp_path):
     assert resumed.results[-1].epoch == 2
     a, _ = load_checkpoint(RunDir(full.run_dir).model)
     b, _ = load_checkpoint(RunDir(resumed.run_dir).model)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=ka)
 

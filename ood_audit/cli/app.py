@@ -1,8 +1,9 @@
 """The ``ood-audit`` Typer app: dispatches to one module per subcommand.
 
 Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a user error
-(bad option, missing or corrupt file, unknown name), printed as one line saying what to
-do; anything else is a bug and keeps its traceback.
+(bad option, missing or corrupt file, unknown name, or a file system that refuses a
+read or write), printed as one line saying what to do; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:  # click turns Ctrl-C inside a command into Abort
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        # The file system refused (no space, no permission, a file where a folder must
+        # be, a file another program holds): the user's environment, not a bug.
+        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except Exception as exc:
         # Usage errors (unknown option, bad value) from click, or typer's vendored click:
         # matched by shape so both work. One line, exit 2, pointing at --help.
@@ -83,3 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         raise
     # standalone_mode=False hands back --help's and typer.Exit's exit code as the value.
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file(s) it names, then the reason."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n]
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = " -> ".join(names)
+    return f"{where}: {reason}" if where else reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from ..analysis import decomposition as dec
@@ -18,11 +19,12 @@ from .options import DataRootOpt, DeviceOpt, RunOpt
 def rich_table(t: Table, title: str) -> RichTable:
     """A rich table from the report's plain :class:`~ood_audit.report.render.Table`."""
     rt = RichTable(title=title, title_justify="left", header_style="bold")
+    # Set labels such as "mnist[invert]" would read as rich markup: escape every cell.
     for i, h in enumerate(t.headers):
-        rt.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        rt.add_column(escape(h), justify="left" if i == 0 else "right", no_wrap=i == 0)
     styles = {"paradox": "red", "fail": "bold red", "pass": "green", "top": "bold"}
     for row, cls in zip(t.rows, t.classes, strict=True):
-        rt.add_row(*row, style=styles.get(cls))
+        rt.add_row(*(escape(c) for c in row), style=styles.get(cls))
     return rt
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..analysis.detectors import DETECTORS
 from ..data import DATASETS
 from ..models.registry import MODELS
 
@@ -33,6 +34,8 @@ DATA_HELP = (
     f"Data set name, or a path to a .npy/.npz array (N,H,W[,C] uint8) or a folder of images. "
     f"Names: {', '.join(DATASETS)}."
 )
+DETECTOR_HELP = "Detectors: " + "; ".join(
+    f"{name} (needs {d.requires})" for name, d in DETECTORS.items()) + "."
 OOD_HELP = (
     "An out-of-distribution set to score; repeat for several. A registry name "
     f"({', '.join(DATASETS)}) or a path to a .npy/.npz file or an image folder. Sets of "

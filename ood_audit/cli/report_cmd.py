@@ -50,6 +50,8 @@ def report(
     gates = parse_gates(gate)  # a malformed gate fails before any work
     if n_boot < 0:
         raise UserError(f"--n-boot must be 0 or more, got {n_boot}")
+    if seed < 0:  # numpy's SeedSequence takes non-negative integers only
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     rds = [resolve_run(r, need_model=False) for r in runs] if runs else [
         resolve_run(None, need_model=False)]
     target = out_dir if out_dir is not None else rds[0].report

@@ -8,11 +8,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..config import RunConfig, from_dict
+from ..errors import UserError
+from ..runs import resolve_run
+from ..training.background import DEFAULT_MU, DEFAULT_WEIGHT_DECAY, background_dir, train_background
 from ..training.run import load_run_config, train_run
 from ..training.trainer import EpochResult, TrainProgress
 from .console import err, note
 from .console import out as stdout
-from .options import DATA_HELP, DataRootOpt, DeviceOpt, DownloadOpt, MODEL_HELP
+from .options import DATA_HELP, MODEL_HELP, DataRootOpt, DeviceOpt, DownloadOpt
 
 
 class RichTrainProgress(TrainProgress):
@@ -76,9 +79,23 @@ def train(
     keep_checkpoints: str = typer.Option(
         None, "--keep-checkpoints", help="Per-epoch checkpoints kept for decompose "
         "--over-training: all, last or every:N. Default: all."),
+    weight_decay: float = typer.Option(
+        None, "--weight-decay", help="L2 weight decay (Adam's coupled decay). Default: 0, "
+        f"or {DEFAULT_WEIGHT_DECAY:g} with --background."),
     device: str = DeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
                                 "last saved state (after Ctrl-C or a crash)."),
+    background: bool = typer.Option(
+        False, "--background", help="Train the background model of the likelihood-ratio "
+        "detector (Ren et al. 2019) for an existing run (--run, default runs/latest) into "
+        "RUN/background: same model, preset and data, inputs perturbed with rate --mu, L2 "
+        "--weight-decay. Other train flags override the run's for the background."),
+    mu: float = typer.Option(
+        None, "--mu", help=f"With --background: probability that a training pixel is "
+        f"replaced by a uniform random value in 0..255. Default: {DEFAULT_MU:g}."),
+    run: Path = typer.Option(
+        None, "--run", help="With --background: the run to add a background model to. "
+        "Default: the last run trained (runs/latest); --out DIR names it too."),
     data_root: Path = DataRootOpt,
     download: bool = DownloadOpt,
 ) -> None:
@@ -86,14 +103,30 @@ def train(
     metrics table, and points runs/latest at the run for score/decompose/report.
 
     Example: ood-audit train --model glow --data fashionmnist --epochs 2 --limit 10000
+
+    Background model for the likelihood ratio: ood-audit train --background --run RUN
     """
+    if background:
+        _train_background(run=run, out=out, mu=mu, weight_decay=weight_decay, resume=resume,
+                          named={"--model": model, "--data": data, "--preset": preset,
+                                 "--config": config},
+                          overrides=dict(epochs=epochs, batch_size=batch_size, lr=lr,
+                                         seed=seed, limit=limit, device=device,
+                                         keep_checkpoints=keep_checkpoints),
+                          data_root=data_root, download=download)
+        return
+    for flag, value in (("--mu", mu), ("--run", run)):
+        if value is not None:
+            raise UserError(f"{flag} applies to --background only (the likelihood-ratio "
+                            "background model); --out names the run directory")
     cfg = load_run_config(config) if config else RunConfig()
     for key, value in (("model", model), ("data", data), ("preset", preset)):
         if value is not None:
             setattr(cfg, key, value)
     overrides = {k: v for k, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
-        keep_checkpoints=keep_checkpoints, device=device).items() if v is not None}
+        keep_checkpoints=keep_checkpoints, device=device,
+        weight_decay=weight_decay).items() if v is not None}
     if overrides:
         import dataclasses
 
@@ -112,3 +145,35 @@ def train(
     if last:
         stdout.print(f"test bits/dim {last.test_bpd:.3f} after epoch {last.epoch}; next: "
                   f"ood-audit score --run {outcome.run_dir} --ood mnist", highlight=False)
+
+
+def _train_background(*, run: Path | None, out: Path | None, mu: float | None,
+                      weight_decay: float | None, resume: bool, named: dict,
+                      overrides: dict, data_root: Path | None, download: bool) -> None:
+    """``train --background``: the likelihood-ratio background model of an existing run."""
+    given = [flag for flag, value in named.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be combined with --background: the "
+                        "background model uses the run's own model, preset and data")
+    if run is not None and out is not None and Path(run).resolve() != Path(out).resolve():
+        raise UserError("--run and --out name different runs; with --background give the "
+                        "run to add a background model to once (--run DIR)")
+    rd = resolve_run(run if run is not None else out)
+    progress = RichTrainProgress()
+    try:
+        outcome = train_background(
+            rd, mu=DEFAULT_MU if mu is None else mu,
+            weight_decay=DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay,
+            overrides={k: v for k, v in overrides.items() if v is not None},
+            resume=resume, resume_epochs=overrides.get("epochs"), data_root=data_root,
+            download=download, log=note, progress=progress)
+    finally:
+        progress.stop()
+    bg = background_dir(rd)
+    last = outcome.results[-1] if outcome.results else None
+    stdout.print(f"[bold]trained[/] background model (mu={outcome.config.train.perturb_mu:g}, "
+                 f"L2 {outcome.config.train.weight_decay:g}) -> {bg.root}", highlight=False)
+    if last:
+        stdout.print(f"test bits/dim {last.test_bpd:.3f} (unperturbed test images) after epoch "
+                     f"{last.epoch}; next: ood-audit score --run {rd.root} --ood mnist "
+                     "(adds the likelihood-ratio detector)", highlight=False)

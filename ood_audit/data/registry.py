@@ -7,7 +7,9 @@ file or folder of the same name.
 
 Every loader has the internal signature
 ``loader(split, *, root, download, limit, shape, seed) -> ImageSet`` and ignores the
-arguments it has no use for.
+arguments it has no use for. The named image sets and their files under the data root
+are described in :mod:`.torchvision_sets` (MNIST family), :mod:`.array_sets` (CIFAR-10/100,
+SVHN, ImageNet32) and :mod:`.image_file_sets` (CelebA, Omniglot).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .array_sets import load_cifar10, load_cifar100, load_imagenet32, load_svhn
+from .image_file_sets import load_celeba, load_omniglot
 from .images import ImageSet
 from .synthetic import make_loader
-from .torchvision_sets import load_fashionmnist, load_mnist
+from .torchvision_sets import load_fashionmnist, load_kmnist, load_mnist
 from .user_files import ARRAY_SUFFIXES, IMAGE_SUFFIXES, load_user_data
 
 SPLITS = ("train", "test")
@@ -44,6 +48,21 @@ DATASETS: dict[str, DatasetSpec] = {
                     (1, 28, 28), SPLITS, load_fashionmnist),
         DatasetSpec("mnist", "MNIST handwritten digits, 28x28 gray, 60k train / 10k test",
                     (1, 28, 28), SPLITS, load_mnist),
+        DatasetSpec("kmnist", "Kuzushiji-MNIST cursive Japanese characters, 28x28 gray, "
+                    "60k train / 10k test", (1, 28, 28), SPLITS, load_kmnist),
+        DatasetSpec("omniglot", "Omniglot handwritten characters, 105x105 resized to 28x28, "
+                    "inverted to bright strokes, 19,280 background (train) / 13,180 "
+                    "evaluation (test)", (1, 28, 28), SPLITS, load_omniglot),
+        DatasetSpec("cifar10", "CIFAR-10 objects, 32x32 RGB, 50k train / 10k test",
+                    (3, 32, 32), SPLITS, load_cifar10),
+        DatasetSpec("cifar100", "CIFAR-100 objects (fine labels), 32x32 RGB, 50k train / "
+                    "10k test", (3, 32, 32), SPLITS, load_cifar100),
+        DatasetSpec("svhn", "SVHN house-number digits, 32x32 RGB, 73,257 train / 26,032 test",
+                    (3, 32, 32), SPLITS, load_svhn),
+        DatasetSpec("celeba", "CelebA faces, centre crop 140 resized to 32x32 RGB, 162,770 "
+                    "train / 19,962 test", (3, 32, 32), SPLITS, load_celeba),
+        DatasetSpec("imagenet32", "downsampled ImageNet 32x32 RGB (npz batches), 1.28M train "
+                    "/ 50k val as test", (3, 32, 32), SPLITS, load_imagenet32),
         DatasetSpec("noise-uniform", "uniform noise: each pixel uniform in 0..255, model's shape",
                     None, SPLITS, make_loader("noise-uniform")),
         DatasetSpec("noise-gaussian",
@@ -78,7 +97,8 @@ def load_dataset(name_or_path: str, split: str = "test", *, root: Path | None = 
 
     ``limit`` keeps the first N images (N positive); ``shape`` (the model's (C, H, W)) is
     required by synthetic sets and ignored by the others (see ``adapt_to_shape``);
-    ``seed`` drives synthetic sets only; ``download`` applies to torchvision sets only.
+    ``seed`` drives synthetic sets only; ``download`` lets torchvision fetch a missing
+    named set (all of them but ``imagenet32``, which needs an ImageNet account).
     """
     name = str(name_or_path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)

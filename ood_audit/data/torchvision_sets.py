@@ -1,7 +1,7 @@
 """Loaders for the data sets torchvision reads from its raw on-disk layout.
 
-MNIST and Fashion-MNIST are read with ``torchvision.datasets.MNIST`` / ``FashionMNIST``
-from ``ROOT/<Class>/raw/`` (uncompressed IDX files), using the dataset's ``.data`` and
+MNIST, Fashion-MNIST and Kuzushiji-MNIST are read with ``torchvision.datasets.MNIST`` /
+``FashionMNIST`` / ``KMNIST`` from ``ROOT/<Class>/raw/`` (uncompressed IDX files), using the dataset's ``.data`` and
 ``.targets`` tensors directly: no per-item PIL decoding. Missing files, failed
 downloads and unreadable files become one-line :class:`~ood_audit.errors.UserError`
 messages naming the folder looked in.
@@ -29,6 +29,14 @@ def load_fashionmnist(split: str, *, root: Path, download: bool = False,
     from torchvision.datasets import FashionMNIST
 
     return _load_idx(FashionMNIST, "fashionmnist", split, root, download, limit)
+
+
+def load_kmnist(split: str, *, root: Path, download: bool = False, limit: int | None = None,
+                **_: object) -> ImageSet:
+    """Kuzushiji-MNIST (cursive Japanese characters), uint8 [N, 1, 28, 28], labels 0..9."""
+    from torchvision.datasets import KMNIST
+
+    return _load_idx(KMNIST, "kmnist", split, root, download, limit)
 
 
 def _load_idx(cls: type, name: str, split: str, root: Path, download: bool,

@@ -21,14 +21,16 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..analysis import tables
+from ..analysis import tables, typicality
 from ..analysis.decomposition import decompose, gaps
-from ..analysis.detectors import DETECTORS, detector_scores
+from ..analysis.detectors import DEFAULT_DETECTOR, DETECTORS, detector_scores
 from ..analysis.metrics import METRICS, ood_metrics, roc_points
 from ..errors import UserError
 from ..runs import RunDir, atomic_write_bytes, atomic_write_text
+from ..scoring.pixel_maps import load_pixel_maps
 from . import plots, render
 from .gates import Gate, GateResult, evaluate_gates, parse_gate
+from .sweep import contrast_sweep
 
 FORMAT_FILES = {"html": "report.html", "md": "report.md", "json": "summary.json"}
 #: Written by ``decompose --over-training`` when present; shown as a table.
@@ -62,6 +64,8 @@ class RunAnalysis:
     roc: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]]
     decomposition: pd.DataFrame
     training: pd.DataFrame | None
+    #: (label, images, per-pixel log P maps) for models that have them (PixelCNN++)
+    pixel_maps: list | None = None
 
 
 @dataclass
@@ -109,7 +113,8 @@ def verdict(row: dict) -> str:
     """A few words on one metric row (AUROC below 0.5 is the paper's paradox)."""
     auroc, lo, hi = row["auroc"], row["auroc_ci_low"], row["auroc_ci_high"]
     if auroc < 0.5:
-        words = "paradox: model prefers OOD"
+        words = ("paradox: model prefers OOD" if row.get("detector", DEFAULT_DETECTOR)
+                 == DEFAULT_DETECTOR else "inverted: scores OOD as more in-distribution")
     else:
         words = "detects OOD" if auroc >= 0.9 else "weak"
     if np.isfinite(lo) and lo <= 0.5 <= hi:
@@ -156,6 +161,7 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
             rows.append(row)
             fpr, tpr = roc_points(s_in[keep_in], s_ood[keep])
             roc[det].append((oset.label, fpr, tpr, m["auroc"]))
+    rows = mark_best(rows, [o.label for o in sets])
     group_rows, bpd_groups = [], []
     for (dataset, role, split, transform), g in tables.groups(df):
         bpd, lpx = g["bpd"].to_numpy(float), g["log_px"].to_numpy(float)
@@ -184,11 +190,47 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
         "gaps": [{**{k: getattr(g, k) for k in ("label", "reference", "log_px", "bpd",
                                                  "carrier", "share")},
                   "components": g.components, "sentence": g.sentence()} for g in gaps(table)],
+        "typicality_batches": (typicality_batches(df, ref, sets, seed=seed)
+                               if "typicality" in scores else None),
         "training_curve": None if training is None else training.to_dict(orient="records"),
         "over_training": None if over is None else over.to_dict(orient="records"),
+        "contrast_sweep": contrast_sweep(df),  # None without contrast=ALPHA rows
         "notes": notes,
     }
-    return RunAnalysis(section, bpd_groups, roc, table, training)
+    return RunAnalysis(section, bpd_groups, roc, table, training,
+                       load_pixel_maps(rd.pixel_maps))
+
+
+def mark_best(rows: list[dict], order: list[str]) -> list[dict]:
+    """Rows grouped by OOD set (in ``order``), each with ``best``: True for the detector(s)
+    with the highest AUROC on that set when there are several detectors."""
+    out = []
+    for label in order:
+        group = [r for r in rows if r["ood_set"] == label]
+        aurocs = [r["auroc"] for r in group if r["auroc"] is not None and np.isfinite(r["auroc"])]
+        top = max(aurocs) if aurocs else None
+        for r in group:
+            out.append({**r, "best": len(group) > 1 and top is not None and r["auroc"] == top})
+    return out
+
+
+def typicality_batches(df: pd.DataFrame, ref: pd.DataFrame, sets: list,
+                       seed: int = 0) -> dict | None:
+    """The batch typicality test (Nalisnick et al. 2019b) per OOD set and batch size M,
+    with H_hat and the bootstrap threshold from the in-distribution train rows; None when
+    the scores hold no train rows."""
+    train = typicality.entropy_rows(df)
+    if len(train) < 2:
+        return None
+    ood = {o.label: o.rows["log_px"].to_numpy(float) for o in sets}
+    ood = {k: v[np.isfinite(v)] for k, v in ood.items()}
+    ref_lp = ref["log_px"].to_numpy(float)
+    ref_lp = ref_lp[np.isfinite(ref_lp)]
+    if ref_lp.size == 0 or not all(v.size for v in ood.values()):
+        return None
+    return {"entropy_nats": typicality.entropy_estimate(train), "n_train": int(len(train)),
+            "alpha": typicality.ALPHA, "n_batches": typicality.N_BATCHES,
+            "rows": typicality.batch_table(train.to_numpy(float), ref_lp, ood, seed=seed)}
 
 
 def _read_optional(path: Path) -> pd.DataFrame | None:
@@ -223,6 +265,12 @@ def figures_for(a: RunAnalysis) -> dict[str, bytes]:
         curve = plots.training_curve(a.training, f"Training curve ({name})")
         if curve is not None:
             figs[f"{name}/training"] = curve
+    if a.section.get("contrast_sweep"):
+        figs[f"{name}/contrast"] = plots.contrast_sweep(
+            a.section["contrast_sweep"], f"Mean bits/dim vs contrast factor ({name})", colors)
+    if a.pixel_maps:
+        figs[f"{name}/pixel-maps"] = plots.pixel_heatmaps(
+            f"Per-pixel likelihood ({name}): image, then -log2 P per pixel", a.pixel_maps)
     return figs
 
 

@@ -79,19 +79,66 @@ METRIC_HEADERS = ["AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR", "OOD above in-med
 METRIC_KEYS = ["auroc", "aupr_in", "aupr_out", "fpr95", "share_above_median"]
 
 
+BEST_MARK = " (best)"
+
+
 def metric_table(rows: list[dict], with_run: bool, compact: bool = False) -> Table:
     """One row per (run,) detector and OOD set; ``compact`` (a terminal) drops the sample
-    sizes and all intervals but AUROC's."""
+    sizes and all intervals but AUROC's. The detector with the highest AUROC on a set
+    (``row["best"]``) is marked "(best)" and gets the ``best`` row class."""
     heads = ["detector", "OOD set"] + ([] if compact else ["n in / OOD"])
     t = Table((["run"] if with_run else []) + heads + METRIC_HEADERS
               + ["bits/dim in → OOD", "verdict"])
     for r in rows:
-        cells = ([r["run"]] if with_run else []) + [r["detector"], r["ood_set"]]
+        name = r["detector"] + (BEST_MARK if r.get("best") else "")
+        cells = ([r["run"]] if with_run else []) + [name, r["ood_set"]]
         if not compact:
             cells.append(f"{num(r['n_in'])} / {num(r['n_ood'])}")
         cells += [with_ci(r, k) if not compact or k == "auroc" else num(r[k]) for k in METRIC_KEYS]
         cells += [f"{num(r['mean_bpd_in'])} → {num(r['mean_bpd_ood'])}", r["verdict"]]
-        t.add(cells, "paradox" if (r["auroc"] is not None and r["auroc"] < 0.5) else "")
+        classes = ["paradox"] if (r["auroc"] is not None and r["auroc"] < 0.5) else []
+        t.add(cells, " ".join(classes + (["best"] if r.get("best") else [])))
+    return t
+
+
+def typicality_table(section: dict) -> Table:
+    """The batch typicality test: per OOD set and batch size M, the bootstrap threshold
+    and the shares of in-distribution and OOD batches it flags."""
+    t = Table(["OOD set", "M", "threshold eps (nats)", "in-dist. batches flagged",
+               "OOD batches flagged", "AUROC"])
+    for r in section["rows"]:
+        t.add([r["ood_set"], r["batch_size"], num(r["threshold"], 2), pct(r["in_flagged"]),
+               pct(r["ood_flagged"]), num(r["auroc"])])
+    return t
+
+
+def typicality_note(section: dict) -> str:
+    return (f"Nalisnick et al. (2019b): a batch of M inputs is flagged as OOD when "
+            f"|mean -log p(x) - H_hat| exceeds the {section['alpha']:.0%} quantile of that "
+            f"statistic over {section['n_batches']:,} bootstrap batches of M in-distribution "
+            f"train rows; H_hat = {num(section['entropy_nats'], 1)} nats from "
+            f"{section['n_train']:,} train rows. Batches of in-distribution test and OOD "
+            "inputs drawn with replacement.")
+
+
+CONTRAST_NOTE = (
+    "score --transform contrast=ALPHA maps each image to m + ALPHA (x - m), m its mean "
+    "pixel (rounded, clipped to 0..255), so its variance scales by about ALPHA^2; ALPHA = 1 "
+    "is the untransformed set. The second-order analysis of Nalisnick et al. (2019) "
+    "predicts mean bits/dim to increase monotonically with ALPHA: less variance, higher "
+    "likelihood.")
+
+
+def contrast_table(records: list[dict]) -> Table:
+    """Mean bits/dim per data set (rows) and contrast factor ALPHA (columns), with the
+    trend and whether it is the predicted one (rising with ALPHA)."""
+    alphas = sorted({a for r in records for a in r["alphas"]})
+    t = Table(["set", "role", *[f"ALPHA={a:g}" for a in alphas], "monotone",
+               "as predicted"])
+    for r in records:
+        by = dict(zip(r["alphas"], r["mean_bpd"], strict=True))
+        t.add([r["set"], r["role"], *[num(by.get(a)) for a in alphas], r["monotone"],
+               "yes" if r["as_predicted"] else "no"])
     return t
 
 
@@ -115,6 +162,20 @@ def run_meta_table(run: dict) -> Table:
                        ("dequantization seed", run.get("dequant_seed")),
                        ("ood-audit version", run.get("version")), ("run directory", run["path"])]:
         t.add([key, value if isinstance(value, str) else num(value)])
+    extra = run.get("extra") or {}
+    if "background" in extra:
+        try:
+            bg = json.loads(extra["background"])
+            t.add(["likelihood-ratio background", f"mu={bg.get('mu')}, L2 "
+                   f"{bg.get('weight_decay')}, epoch {bg.get('epoch')}, {bg.get('path')}"])
+        except ValueError:
+            pass
+    members = sorted(k for k in extra if k.startswith("member") and k[6:].isdigit())
+    if members:
+        t.add(["waic ensemble", f"{len(members) + 1} models (this run and {len(members)} "
+               "--member run(s))"])
+    if "train_rows" in extra:
+        t.add(["train rows (typicality H_hat)", extra["train_rows"]])
     return t
 
 
@@ -200,7 +261,8 @@ img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0}
 th,td{padding:.25rem .5rem;border-bottom:1px solid #e3e3e3;text-align:left;white-space:nowrap}
 th{background:#f5f5f5}.note{color:#555;font-size:.9rem}
-tr.paradox td{background:#fdecea}tr.fail td{background:#fdecea;font-weight:600}
+tr.paradox td{background:#fdecea}tr.best td{font-weight:600}
+tr.fail td{background:#fdecea;font-weight:600}
 tr.pass td:last-child{color:#1a7f37;font-weight:600}tr.top td{font-weight:600}
 pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}
 .banner{padding:.6rem .8rem;border-radius:4px;margin:.6rem 0}
@@ -256,8 +318,18 @@ def render_html(summary: dict, figs: dict[str, bytes]) -> str:
                _img(figs, f"{n}/hist", "bits/dim histograms"),
                _html_table(sets_table(run)), "<h3>ROC curves</h3>"]
         sec += [_img(figs, f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
-        sec += ["<h3>Metrics</h3>", _html_table(metric_table(run["metrics"], with_run=False)),
-                "<h3>Decomposition: which term carries the gap</h3>",
+        sec += ["<h3>Metrics</h3>", _html_table(metric_table(run["metrics"], with_run=False))]
+        if run.get("typicality_batches"):
+            tb = run["typicality_batches"]
+            sec += ["<h3>Typicality test on batches</h3>",
+                    f'<p class="note">{e(typicality_note(tb))}</p>',
+                    _html_table(typicality_table(tb))]
+        if run.get("contrast_sweep"):
+            sec += ["<h3>Contrast sweep: bits/dim vs variance</h3>",
+                    f'<p class="note">{e(CONTRAST_NOTE)}</p>',
+                    _img(figs, f"{n}/contrast", "mean bits/dim vs contrast factor"),
+                    _html_table(contrast_table(run["contrast_sweep"]))]
+        sec += ["<h3>Decomposition: which term carries the gap</h3>",
                 "<ul>" + "".join(f"<li>{e(g['sentence'])}</li>" for g in run["gaps"]) + "</ul>",
                 _img(figs, f"{n}/decomposition", "decomposition bars"),
                 _html_table(means), f'<p class="note">Difference from {e(run["reference"])} '
@@ -265,6 +337,9 @@ def render_html(summary: dict, figs: dict[str, bytes]) -> str:
                 "<h3>Training curve</h3>",
                 _img(figs, f"{n}/training", "training curve")
                 or '<p class="note">No metrics.parquet in this run.</p>']
+        if f"{n}/pixel-maps" in figs:
+            sec += ["<h3>Per-pixel likelihood</h3>",
+                    _img(figs, f"{n}/pixel-maps", "per-pixel log-likelihood heatmaps")]
         if run.get("over_training"):
             sec += ["<h3>Over training</h3>",
                     _html_table(over_training_table(run["over_training"]))]
@@ -313,11 +388,20 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
                 img(f"{n}/hist", "bits/dim histograms"),
                 "### Likelihood per data set\n", _md_table(sets_table(run))]
         out += [img(f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
+        if run.get("typicality_batches"):
+            tb = run["typicality_batches"]
+            out += ["### Typicality test on batches\n", typicality_note(tb) + "\n",
+                    _md_table(typicality_table(tb))]
+        if run.get("contrast_sweep"):
+            out += ["### Contrast sweep: bits/dim vs variance\n", CONTRAST_NOTE + "\n",
+                    img(f"{n}/contrast", "mean bits/dim vs contrast factor"),
+                    _md_table(contrast_table(run["contrast_sweep"]))]
         out += ["### Decomposition\n", "".join(f"- {g['sentence']}\n" for g in run["gaps"]),
                 img(f"{n}/decomposition", "decomposition"), _md_table(means),
                 f"\nDifference from {run['reference']} "
                 "(nats per image; share of the log p(x) gap):\n\n",
-                _md_table(diffs), img(f"{n}/training", "training curve")]
+                _md_table(diffs), img(f"{n}/training", "training curve"),
+                img(f"{n}/pixel-maps", "per-pixel log-likelihood")]
         if run.get("over_training"):
             out += ["### Over training\n", _md_table(over_training_table(run["over_training"]))]
         if run.get("notes"):

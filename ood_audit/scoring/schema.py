@@ -2,8 +2,9 @@
 
 One row per (data set, transform, image). Fixed columns come first, then ``log_px`` and
 ``bpd``, then the model's own named terms (whose sum is ``log_px``), then group totals
-derived from them (``log_pz``, ``logdet`` for flows), then detector scores
-(``score_<detector>``). The names of the model's terms are stored in the schema
+derived from them (``log_pz``, ``logdet`` for flows), then extra columns (a model's own
+extras; a background model's and ensemble members' ``log_px``; data features such as
+``png_bits``), then detector scores (``score_<detector>``). The names of the model's terms are stored in the schema
 metadata (``ood_audit.terms``) so readers never guess which columns add up.
 
 ``scores.parquet`` may also be a folder ``scores/`` of ``part-<rank>.parquet`` files
@@ -42,6 +43,14 @@ FIXED_COLUMNS: dict[str, pa.DataType] = {
 TERM_GROUPS: dict[str, str] = {"log_pz": "log_pz_level", "logdet": "logdet_level"}
 
 META_PREFIX = "ood_audit."
+
+#: Columns the detectors of :mod:`ood_audit.analysis.detectors` read besides the model's
+#: terms, written by ``ood-audit score`` as extra columns (listed in ``extra_columns``):
+#: log p(x) of the run's background model (``RUN/background``), in nats, same x;
+BACKGROUND_COLUMN = "log_px_background"
+#: log p(x) of ensemble member i >= 1 (``score --member RUN``; member 0 is ``log_px``).
+MEMBER_PREFIX = "log_px_member"
+# Data features (no model) have one column per entry of ood_audit.scoring.features.FEATURES.
 
 
 @dataclass

@@ -7,10 +7,17 @@ totals of :data:`~ood_audit.scoring.schema.TERM_GROUPS`.
 Dequantization noise is drawn per chunk of :data:`NOISE_CHUNK` images from a generator
 seeded by (seed, data set, chunk), so an image's score does not depend on the batch
 size or on how a set is split across processes.
+
+Transforms (``score --transform``, :mod:`ood_audit.data.transforms`) add, per transform,
+a copy of the in-distribution test set and of every OOD set with the transform applied
+to their uint8 pixels; these rows keep their role and carry the transform's tag in the
+``transform`` column (``none`` for the untransformed sets, which are always scored).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import zlib
 from collections.abc import Iterator
@@ -24,11 +31,13 @@ import torch
 
 from .. import __version__
 from ..data import ImageSet, adapt_to_shape, bits_per_dim, dequantize, load_dataset
+from ..data.transforms import describe, parse_transforms
 from ..errors import UserError
 from ..models.base import DensityModel, sum_terms
 from ..runs import RunDir, atomic_path
 from ..training.checkpoint import CheckpointInfo, load_checkpoint
 from ..training.trainer import pick_device, seeded
+from .pixel_maps import save_pixel_maps
 from .schema import SCHEMA_VERSION, ScoresMeta, arrow_schema, totals_for
 
 NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent of batching
@@ -42,6 +51,7 @@ class ScoreJob:
     images: ImageSet
     role: str  # "in" | "ood"
     transform: str = "none"
+    first_index: int = 0  # position of images[0] in its data set (held-out train rows)
 
     @property
     def key(self) -> int:
@@ -83,6 +93,9 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
     """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images."""
     n_dims = math.prod(job.images.shape)
     offset = 0
+    # Models that sample while scoring (a VAE's IWAE bound) draw from the global RNG:
+    # seed it per set so a rerun gives the same numbers.
+    torch.manual_seed(seeded(seed, job.key).initial_seed())
     for chunk in dequantized_chunks(job.images.images, seed, job.key):
         for start in range(0, len(chunk), batch_size):
             x = chunk[start:start + batch_size].to(device, non_blocking=True)
@@ -97,7 +110,7 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
             for name, value in {**terms, **extras}.items():
                 cols[name] = value.double().cpu().numpy()
             idx = np.arange(offset + start, offset + start + len(x), dtype=np.int64)
-            cols["index"] = idx
+            cols["index"] = idx + job.first_index
             cols["label"] = job.images.labels[idx].numpy()
             yield cols
         offset += len(chunk)
@@ -139,8 +152,17 @@ def model_columns(model: DensityModel, device: torch.device) -> tuple[list[str],
 
 def build_jobs(info: CheckpointInfo, ood: list[str], *, root: Path | None, download: bool,
                limit: int | None, train_limit: int | None, seed: int,
-               notify=print) -> list[ScoreJob]:
-    """Load the in-distribution test (and train) split and each OOD set, shape-adapted."""
+               notify=print, held_out: bool = False,
+               transforms: list[str] | tuple[str, ...] = ()) -> list[ScoreJob]:
+    """Load the in-distribution test (and train) split and each OOD set, shape-adapted.
+
+    ``held_out``: the train rows are the ``train_limit`` train images after the first
+    ``train.limit`` ones the model was trained on (its ``--limit``), not the first ones.
+    ``transforms``: tags such as ``grayscale`` or ``contrast=0.5``; each adds a
+    transformed copy of the in-distribution test set and of every OOD set (after their
+    shape adaptation), after all untransformed jobs, tagged with the canonical tag.
+    """
+    parsed = parse_transforms(list(transforms))  # a bad tag fails before any loading
     in_name = info.dataset
     seen = set()
     for name in ood:
@@ -151,7 +173,9 @@ def build_jobs(info: CheckpointInfo, ood: list[str], *, root: Path | None, downl
         seen.add(name)
     jobs = [ScoreJob(load_dataset(in_name, "test", root=root, download=download,
                                   limit=limit), "in")]
-    if train_limit != 0:
+    if held_out:
+        jobs.append(held_out_job(info, train_limit, root=root, download=download))
+    elif train_limit != 0:
         jobs.append(ScoreJob(load_dataset(in_name, "train", root=root, download=download,
                                           limit=train_limit), "in"))
     for name in ood:
@@ -165,7 +189,32 @@ def build_jobs(info: CheckpointInfo, ood: list[str], *, root: Path | None, downl
     for job in jobs:
         if len(job.images) == 0:
             raise UserError(f"data set {job.images.name} ({job.images.split}) has no images")
+    if parsed:
+        bases = [jobs[0], *(j for j in jobs if j.role == "ood")]  # in-dist. test, OOD sets
+        for t in parsed:
+            jobs += [ScoreJob(t(j.images), j.role, transform=t.tag) for j in bases]
+        notify(f"transforms {', '.join(t.tag for t in parsed)}: each applied to "
+               f"{', '.join(j.images.name for j in bases)} (uint8 pixels, before dequantization)")
     return jobs
+
+
+def held_out_job(info: CheckpointInfo, train_limit: int | None, *, root: Path | None,
+                 download: bool) -> ScoreJob:
+    """Train images the model never saw: those after the first ``train.limit``."""
+    trained_on = (info.run_config.get("train") or {}).get("limit")
+    if not trained_on:
+        raise UserError("--held-out needs a run trained with --limit N (the train images "
+                        "after the first N are held out); this run trained on the whole set")
+    if train_limit == 0:
+        raise UserError("--held-out scores held-out train images: give --train-limit N > 0")
+    end = None if train_limit is None else trained_on + train_limit
+    images = load_dataset(info.dataset, "train", root=root, download=download, limit=end)
+    if len(images) <= trained_on:
+        raise UserError(f"{info.dataset} has {len(images)} train images, all used for "
+                        f"training (--limit {trained_on}): nothing is held out")
+    rest = dataclasses.replace(images, images=images.images[trained_on:].clone(),
+                               labels=images.labels[trained_on:].clone())
+    return ScoreJob(rest, "in", first_index=trained_on)
 
 
 def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], out: Path, *,
@@ -182,7 +231,10 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
         in_dataset=info.dataset, terms=terms, run_config=info.run_config,
         checkpoint_sha256=info.sha256, dequant_seed=seed,
         adaptations={j.images.name: j.images.adaptation for j in jobs if j.images.adaptation},
-        extra={"epoch": str(info.epoch), "device": str(device)}, extra_columns=extras,
+        extra={"epoch": str(info.epoch), "device": str(device),
+               **{f"model.{k}": v for k, v in model.extra_metadata().items()},
+               **_transforms_meta(jobs)},
+        extra_columns=extras,
     )
     schema = arrow_schema(terms, [*groups, *extras], [], meta)
     summaries = []
@@ -205,7 +257,8 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
                                 split=[job.images.split] * b, transform=[job.transform] * b,
                                 n_dims=np.full(b, n_dims, dtype=np.int64))
                     writer.write(cols)
-                    for k in ("bpd", "log_px", *groups):
+                    # Means shown on screen: a flow's group totals, else the model's terms.
+                    for k in ("bpd", "log_px", *(groups or terms)):
                         sums[k] = sums.get(k, 0.0) + float(np.sum(cols[k]))
                     log_px_parts.append(cols["log_px"])
                     progress.advance(b, b / max(time.perf_counter() - t0, 1e-9))
@@ -220,16 +273,48 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     return summaries
 
 
+def _transforms_meta(jobs: list[ScoreJob]) -> dict[str, str]:
+    """``{"transforms": JSON {tag: what it does}}`` when any job is transformed."""
+    tags = list(dict.fromkeys(j.transform for j in jobs if j.transform != "none"))
+    return {"transforms": json.dumps({t: describe(t) for t in tags})} if tags else {}
+
+
 def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download: bool = False,
               limit: int | None = None, train_limit: int | None = 2000, batch_size: int = 256,
               device: str = "auto", seed: int = 0, notify=print,
-              progress: ScoreProgress | None = None) -> list[SetSummary]:
-    """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries."""
+              progress: ScoreProgress | None = None,
+              options: dict[str, object] | None = None,
+              detectors: list[str] | None = None, members: list[Path] = (),
+              held_out: bool = False,
+              transforms: list[str] | tuple[str, ...] = ()) -> list[SetSummary]:
+    """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries.
+
+    ``options`` are the model's scoring options (``{"iw_samples": 64}`` for a VAE).
+    ``detectors``: the detectors to add as ``score_<name>`` columns (None: every one
+    whose inputs can be had); ``members``: other runs forming an ensemble with this one
+    (WAIC); ``held_out``: train rows from after the model's training ``--limit``. See
+    :mod:`ood_audit.scoring.detect`. ``transforms``: tags (``grayscale``,
+    ``contrast=0.5``, ``invert``) each scoring a transformed copy of the in-distribution
+    test set and every OOD set (:func:`build_jobs`).
+    """
+    from .detect import add_detectors, plan
+
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    parse_transforms(list(transforms))  # a bad --transform fails before the model loads
     dev = pick_device(device)
     model, info = load_checkpoint(rd.model, dev)
+    for name, value in (options or {}).items():
+        model.set_score_option(name, value)
     jobs = build_jobs(info, ood, root=root, download=download, limit=limit,
-                      train_limit=train_limit, seed=seed, notify=notify)
-    return score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
-                      seed=seed, progress=progress)
+                      train_limit=train_limit, seed=seed, notify=notify, held_out=held_out,
+                      transforms=transforms)
+    terms, extras = model_columns(model, dev)
+    chosen = plan(rd, model, info, jobs, detectors=detectors, members=list(members),
+                  terms=terms, extra_columns=extras, device=dev, held_out=held_out)
+    summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
+                           seed=seed, progress=progress)
+    add_detectors(rd.scores, chosen, jobs, batch_size=batch_size, device=dev, seed=seed,
+                  progress=progress)
+    save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
+    return summaries

@@ -88,9 +88,14 @@ def read_metadata(path: Path) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable safetensors checkpoint ({_short(exc)}); "
                         "it may be truncated: retrain or resume") from None
-    if meta.get("format") != FORMAT:
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith(FORMAT.rsplit("-", 1)[0] + "-"):
+            raise UserError(f"{path} was written by another version of ood-audit (format "
+                            f"{fmt!r}; this one reads {FORMAT!r}, ood-audit {__version__}): "
+                            "use the version that wrote it, or retrain")
         raise UserError(f"{path} was not written by ood-audit train (format "
-                        f"{meta.get('format', 'missing')!r}, expected {FORMAT!r})")
+                        f"{fmt or 'missing'!r}, expected {FORMAT!r})")
     return meta
 
 
@@ -109,11 +114,17 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Den
         model_config = from_dict(spec.config_cls, json.loads(meta["model_config"]),
                                  where=f"{path} model_config")
         input_shape = tuple(json.loads(meta["input_shape"]))
+        if len(input_shape) != 3 or not all(type(n) is int and n > 0 for n in input_shape):
+            raise ValueError(f"input_shape {list(input_shape)} is not (C, H, W)")
         run_config = json.loads(meta["run_config"])
         epoch = int(meta["epoch"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: damaged checkpoint metadata ({_short(exc)})") from None
-    model = build_model(name, model_config, input_shape)
+    try:
+        model = build_model(name, model_config, input_shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: its metadata does not describe a buildable {name} model "
+                        f"({_short(exc)})") from None
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -13,7 +13,9 @@ from ..config import RunConfig, from_dict, load_yaml
 from ..data import DATASETS, load_dataset
 from ..errors import UserError
 from ..models.registry import build_model, get_spec, resolve_model_config
-from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, run_lock, set_latest
+from ..runs import (RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock,
+                    set_latest)
+from .checkpoint import read_metadata
 from .trainer import EpochResult, Trainer, TrainProgress, pick_device
 
 
@@ -42,26 +44,27 @@ def train_run(
     runs_root: Path = RUNS_ROOT,
     log: Callable[[str], None] = print,
     progress: TrainProgress | None = None,
+    point_latest: bool = True,
 ) -> TrainOutcome:
     """Train ``config`` into run directory ``out`` (new), or continue it with ``resume``.
 
     A resumed run keeps its stored config; only ``resume_epochs`` (train longer) applies.
+    ``point_latest=False`` leaves ``runs/latest`` alone (a background model is not a run
+    that score/report should default to).
     """
     if resume:
         if out is None:
             raise UserError("--resume needs --out DIR: the run directory to continue")
         rd = RunDir(out)
-        if not rd.config.exists() or not rd.train_state.exists():
-            raise UserError(f"nothing to resume in {rd.root}: it has no config.yaml and "
-                            "train_state.pt (start a new run without --resume)")
+        refuse_if_locked(rd)
+        _check_resumable(rd)
         config = load_run_config(rd.config)
         if resume_epochs is not None:
             config.train.epochs = resume_epochs
     else:
         rd = RunDir(out or runs_root / new_run_name(config.model, config.data))
-        if rd.model.exists() or rd.train_state.exists():
-            raise UserError(f"{rd.root} already holds a run: continue it with --resume, "
-                            "or pass another --out")
+        refuse_if_locked(rd)
+        _check_new(rd)
     spec = get_spec(config.model)  # fail on a bad model or preset before loading data
     if config.preset not in spec.presets:
         raise UserError(f"model {config.model!r} has no preset {config.preset!r}; "
@@ -71,6 +74,13 @@ def train_run(
                         f"{', '.join(DATASETS)} or give a path to a .npy/.npz file or image folder")
     device = pick_device(config.train.device)
     with run_lock(rd, "ood-audit train"):
+        # Checked again under the lock: another train may have finished in between.
+        if resume:
+            _check_resumable(rd)
+        else:
+            _check_new(rd)
+        remove_stale_temporaries(rd)
+        fresh = not resume or not rd.train_state.exists()
         train_set = load_dataset(config.data, "train", root=data_root, download=download,
                                  limit=config.train.limit)
         test_set = load_dataset(config.data, "test", root=data_root, download=download,
@@ -84,15 +94,68 @@ def train_run(
         model = build_model(config.model, model_config, train_set.shape).to(device)
         trainer = Trainer(model, config.model, model_config, config, rd, train_set, test_set,
                           device, progress=progress)
-        if resume:
+        if not fresh:
             trainer.load_state()
             log(f"resuming {rd.root} at epoch {trainer.state.epoch + 1}, "
                 f"batch {trainer.state.batch + 1}")
         else:
-            rd.root.mkdir(parents=True, exist_ok=True)
+            if resume:  # stopped before its first checkpoint: the same run from the start
+                log(f"{rd.root} stopped before its first epoch ended: training it from the "
+                    "start with its config.yaml")
             atomic_write_text(rd.config, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
             trainer.data_init()
-        set_latest(rd.root, runs_root)
+        if point_latest:
+            set_latest(rd.root, runs_root)
         results = trainer.fit()
     n_params = sum(p.numel() for p in model.parameters())
     return TrainOutcome(rd.root, config, results, notes, n_params, str(device))
+
+
+def _check_new(rd: RunDir) -> None:
+    if rd.root.exists() and not rd.root.is_dir():
+        raise UserError(f"--out {rd.root} is a file, not a run directory: name a folder")
+    if rd.model.exists() or rd.train_state.exists():
+        raise UserError(f"{rd.root} already holds a run: continue it with --resume, "
+                        "or pass another --out")
+
+
+def _check_resumable(rd: RunDir) -> None:
+    """A run resumes from train_state.pt, or restarts from scratch when it was killed
+    before its first train_state.pt (the same seed gives the same trajectory). Weights of
+    a later epoch without a state cannot continue exactly."""
+    if not rd.config.exists():
+        raise UserError(f"nothing to resume in {rd.root}: it has no config.yaml "
+                        "(start a new run without --resume)")
+    if not rd.train_state.exists() and _checkpoint_epoch(rd.model) > 1:
+        raise UserError(f"{rd.root} has model.safetensors but no train_state.pt, so it cannot "
+                        "continue exactly: score it as it is, or start a new run")
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch in a checkpoint's header; 0 when there is none or it is unreadable.
+
+    A train killed between writing epoch 1's weights and its train_state.pt leaves
+    ``model.safetensors`` (epoch 1) alone: restarting from scratch rewrites the same one.
+    """
+    if not path.exists():
+        return 0
+    try:
+        return int(read_metadata(path).get("epoch", 0))
+    except (UserError, ValueError):
+        return 0
+
+
+#: Files only ``train`` writes in a run directory (under its lock).
+_TRAIN_OUTPUTS = ("model.safetensors", "train_state.pt", "metrics.parquet", "config.yaml")
+
+
+def remove_stale_temporaries(rd: RunDir) -> None:
+    """Delete half-written files a killed train left behind (``.model.safetensors.*.tmp``,
+    ``checkpoints/.epoch-*.tmp``...). Only call under the run's lock: no train is writing
+    them, and other commands never write these names."""
+    stale = [p for name in _TRAIN_OUTPUTS for p in rd.root.glob(f".{name}.*.tmp")]
+    stale += list(rd.root.glob(".model.safetensors.link"))
+    if rd.checkpoints.is_dir():
+        stale += list(rd.checkpoints.glob(".epoch-*.safetensors.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)

@@ -4,14 +4,18 @@ checkpoints, and an exact resume.
 Determinism: the data order of epoch ``e`` and the dequantization noise of batch ``b``
 come from generators seeded by (seed, e) and (seed, e, b), not from a global RNG, so a
 run resumed at (e, b) replays exactly the batches an uninterrupted run would have seen.
+A background model (``perturb_mu > 0``) draws its pixel perturbations the same way,
+from (seed, e, b, PERTURB_KEY).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import signal
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,18 @@ from ..errors import UserError
 from ..models.base import DensityModel
 from ..runs import RunDir, atomic_path
 from .checkpoint import link_or_copy, save_checkpoint
+
+#: Extra seed part of the pixel-perturbation stream (kept apart from the dequantization noise).
+PERTURB_KEY = 7_919
+
+
+def perturb_pixels(images: torch.Tensor, mu: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` with each pixel replaced, with probability ``mu``, by a value
+    drawn uniformly from 0..255 (Ren et al. 2019's input perturbation for the background
+    model of the likelihood ratio). Returns a new tensor; ``images`` is not modified."""
+    replace = torch.rand(images.shape, generator=generator) < mu
+    noise = torch.randint(0, 256, images.shape, generator=generator, dtype=torch.uint8)
+    return torch.where(replace.to(images.device), noise.to(images.device), images)
 
 
 class TrainingDiverged(UserError):
@@ -50,6 +66,7 @@ class TrainState:
     batch: int = 0
     step: int = 0
     nan_skips: int = 0
+    bad_run: int = 0  # consecutive non-finite steps so far (across epoch ends)
     history: list[dict] = field(default_factory=list)
 
 
@@ -62,14 +79,21 @@ def seeded(*parts: int) -> torch.Generator:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; anything else
+    (``meta``, ``mps``, ``cuda:x``...) is a UserError before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; "
+                            "use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA "
+                            f"GPU(s), numbered from 0")
+    return torch.device(name)
 
 
 class TrainProgress:
@@ -146,25 +170,48 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def save_state(self) -> None:
-        """Optimizer, scheduler and loop position, atomically; weights go separately."""
+        """Weights, optimizer, scheduler, global RNG and loop position, atomically.
+
+        With the (seed, epoch, batch)-seeded data order and noise, this is all a resume
+        needs to continue the same trajectory; the global RNG matters to models that
+        sample in their loss (the VAE's reparameterisation, PixelCNN++'s dropout).
+        """
         payload = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "model": self.model.state_dict(),
             "state": dataclasses.asdict(self.state),
+            "rng": {"torch": torch.get_rng_state()},
         }
+        if self.device.type == "cuda":
+            payload["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         with atomic_path(self.rd.train_state) as tmp:
             torch.save(payload, tmp)
 
     def load_state(self) -> None:
+        """Restore what :meth:`save_state` wrote; a damaged or foreign file is one UserError."""
+        path = self.rd.train_state
         try:
-            payload = torch.load(self.rd.train_state, map_location=self.device, weights_only=True)
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+            if not isinstance(payload, dict):
+                raise TypeError(f"holds a {type(payload).__name__}, not a training state")
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
-            self.state = TrainState(**payload["state"])
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
-            raise UserError(f"cannot resume from {self.rd.train_state}: {str(exc)[:200]}") from None
+            state = TrainState(**payload["state"])
+            rng = payload.get("rng") or {}
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"].cpu())
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError,
+                IndexError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(
+                f"cannot resume from {path}: it is damaged or belongs to another model "
+                f"({detail}); start a new run, or score the last checkpoint {self.rd.model}"
+            ) from None
+        self.state = state
 
     # ------------------------------------------------------------------ loop
     def batches_per_epoch(self) -> int:
@@ -188,27 +235,25 @@ class Trainer:
                 perm = torch.randperm(len(self.train_set), generator=seeded(cfg.seed, st.epoch))
                 self.progress.epoch_start(st.epoch, cfg.epochs, n_batches, st.batch)
                 self.model.train()
-                bad_run = 0
                 while st.batch < n_batches:
                     idx = perm[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]
-                    x = dequantize(self.train_set.images[idx],
-                                   seeded(cfg.seed, st.epoch, st.batch)).to(self.device)
+                    images = self.train_set.images[idx]
+                    if cfg.perturb_mu > 0:  # a likelihood-ratio background model
+                        images = perturb_pixels(images, cfg.perturb_mu,
+                                                seeded(cfg.seed, st.epoch, st.batch, PERTURB_KEY))
+                    x = dequantize(images, seeded(cfg.seed, st.epoch, st.batch)).to(self.device)
                     ok, loss = self._step(x)
                     st.batch += 1
                     if ok:
-                        bad_run = 0
+                        st.bad_run = 0
                         st.step += 1
                         seen += len(x)
                         loss_sum += loss * len(x)
                     else:
-                        bad_run += 1
+                        st.bad_run += 1
                         st.nan_skips += 1
-                        if bad_run >= cfg.max_bad_steps:
-                            raise TrainingDiverged(
-                                f"training diverged: {bad_run} non-finite steps in a row at "
-                                f"epoch {st.epoch + 1}; the last good checkpoint is "
-                                f"{self.rd.model}; lower --lr or max_grad_norm and --resume"
-                            )
+                        if st.bad_run >= cfg.max_bad_steps:
+                            raise self._diverged(f"{st.bad_run} non-finite steps in a row")
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     self.progress.batch(st.batch, self._bpd(loss_sum / max(seen, 1)), rate)
                     if stop.signal:
@@ -219,6 +264,8 @@ class Trainer:
                             f"ood-audit train --resume --out {self.rd.root}"
                         )
                 seconds = time.perf_counter() - t0
+                if not self._weights_finite():  # never overwrite a good checkpoint with NaN
+                    raise self._diverged("the weights hold NaN or inf")
                 test_bpd = evaluate_bpd(self.model, self.test_set.images, cfg.batch_size * 2,
                                         self.device, cfg.seed)
                 result = EpochResult(
@@ -249,6 +296,21 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return True, float(loss.detach())
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                   if t.is_floating_point())
+
+    def _diverged(self, why: str) -> TrainingDiverged:
+        """The error that stops training; nothing of the bad epoch is saved."""
+        last = self.state.epoch
+        kept = (f"the last good checkpoint {self.rd.model} (epoch {last}) is kept and can be "
+                "scored" if last and self.rd.model.exists() else "no epoch finished, so no "
+                "checkpoint was written")
+        return TrainingDiverged(
+            f"training diverged at epoch {last + 1} ({why}; {self.state.nan_skips} steps "
+            f"skipped in all): {kept}; to train on, start a new run with a lower --lr (e.g. "
+            f"half of {self.cfg.lr:g}) or a lower train.max_grad_norm")
 
     def _bpd(self, nll_nats: float) -> float:
         return float(bits_per_dim(-nll_nats, self.n_dims)) if math.isfinite(nll_nats) else math.nan
