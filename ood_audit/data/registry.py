@@ -106,6 +106,8 @@ def load_dataset(name_or_path: str, split: str = "test", *, root: Path | None = 
         raise UserError(f"limit must be a positive number of images, got {limit!r}")
     spec = DATASETS.get(name)
     if spec is None:
+        if not name.strip():  # Path("") is the current folder: never read it by accident
+            raise UserError(_unknown_message(name))
         if Path(name).expanduser().exists():
             _check_split(name, split, SPLITS)
             return load_user_data(name, split, limit)

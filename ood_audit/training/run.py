@@ -12,9 +12,8 @@ import yaml
 from ..config import RunConfig, from_dict, load_yaml
 from ..data import DATASETS, load_dataset
 from ..errors import UserError
-from ..models.registry import build_model, get_spec, resolve_model_config
-from ..runs import (RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock,
-                    set_latest)
+from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
+from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
 from .checkpoint import read_metadata
 from .trainer import EpochResult, Trainer, TrainProgress, pick_device
 
@@ -30,7 +29,14 @@ class TrainOutcome:
 
 
 def load_run_config(path: Path) -> RunConfig:
-    return from_dict(RunConfig, load_yaml(path), where=str(path))
+    """A run config from YAML; bad keys or values, model_config's too, name the file."""
+    config = from_dict(RunConfig, load_yaml(path), where=str(path))
+    if config.model in MODELS:
+        spec = get_spec(config.model)
+        if config.preset in spec.presets:  # else train_run names the preset
+            from_dict(spec.config_cls, {**spec.presets[config.preset], **config.model_config},
+                      where=f"{path}: model_config")
+    return config
 
 
 def train_run(
