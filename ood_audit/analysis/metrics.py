@@ -32,7 +32,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from ..errors import UserError
 
@@ -83,6 +82,7 @@ def fpr_at_tpr(score_in, score_ood, tpr_level: float = TPR_LEVEL) -> float:
     Same rule as the module docstring; computed with sklearn's ``roc_curve`` (no point
     thinning, which could skip the first point reaching the level).
     """
+    from sklearn.metrics import roc_curve  # lazy: keeps CLI start-up fast
     s_in, s_ood = _finite(_clean(score_in, "in-distribution"), _clean(score_ood, "OOD"))
     y = np.r_[np.ones(s_in.size), np.zeros(s_ood.size)]
     fpr, tpr, _ = roc_curve(y, np.r_[s_in, s_ood], drop_intermediate=False)
@@ -107,6 +107,7 @@ def ood_metrics(score_in, score_ood, *, n_boot: int = 1000, seed: int = 0,
     (tested equal to scikit-learn on resampled data). Empty or NaN input raises UserError;
     ``seed`` makes the intervals reproducible.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score  # lazy: keeps CLI start-up fast
     s_in, s_ood = _clean(score_in, "in-distribution"), _clean(score_ood, "OOD")
     s_in, s_ood = _finite(s_in, s_ood)
     y = np.r_[np.ones(s_in.size), np.zeros(s_ood.size)]
@@ -300,6 +301,7 @@ def weighted_replicates(score_in, score_ood, w_in, w_ood) -> dict[str, np.ndarra
 
 def roc_points(score_in, score_ood) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the ROC curve, in-distribution positive, for plotting."""
+    from sklearn.metrics import roc_curve  # lazy: keeps CLI start-up fast
     s_in, s_ood = _finite(_clean(score_in, "in-distribution"), _clean(score_ood, "OOD"))
     fpr, tpr, _ = roc_curve(np.r_[np.ones(s_in.size), np.zeros(s_ood.size)], np.r_[s_in, s_ood])
     return fpr, tpr

@@ -11,7 +11,7 @@ from rich.table import Table as RichTable
 from ..analysis import decomposition as dec
 from ..analysis.tables import load_run_scores
 from ..report.render import Table, decomposition_tables, jsonable
-from ..runs import resolve_run
+from ..runs import resolve_run, run_lock
 from .console import note, out
 from .options import DataRootOpt, DeviceOpt, RunOpt
 
@@ -48,33 +48,34 @@ def decompose(
     Reads the run's scores.parquet; writes decomposition.parquet (or .csv) into the run.
     """
     rd = resolve_run(run, need_model=False)
-    df, meta = load_run_scores(rd)
-    table = dec.decompose(df, meta)
-    path = dec.write_decomposition(
-        table, rd.root / ("decomposition.csv" if csv else "decomposition.parquet"))
-    records = jsonable(table.to_dict(orient="records"))
-    gaps = dec.gaps(table)
-    reference = next(r["label"] for r in records
-                      if r["role"] == "in" and r["split"] == "test" and r["transform"] == "none")
-    means, diffs = decomposition_tables(records, reference)
-    bpd = {r["label"]: r for r in records if r["term"] == "bpd"}
-    means.headers.insert(1, "bits/dim")
-    for row in means.rows:
-        b = bpd[row[0]]
-        spread = f" ± {b['std']:.3f}" if b["std"] is not None else ""
-        row.insert(1, f"{b['mean']:.3f}{spread}")
-    out.print(rich_table(means, f"{meta.model} on {meta.in_dataset}: log p(x) and its terms "
-                                "per data set (nats per image)"))
-    if len(diffs.headers) > 1:
-        out.print(rich_table(
-            diffs, f"Difference from {reference} (nats; share of the log p(x) gap)"))
-    if not gaps:
-        note("no OOD set in the scores: run ood-audit score --ood mnist to compare one")
-    for gap in gaps:
-        out.print(gap.sentence(), highlight=False)
-    out.print(f"wrote {path}", highlight=False)
-    if over_training:
-        _over_training(rd, df, over_training_limit, device, data_root)
+    with run_lock(rd, "ood-audit decompose"):  # never interleave with a train or score
+        df, meta = load_run_scores(rd)
+        table = dec.decompose(df, meta)
+        path = dec.write_decomposition(
+            table, rd.root / ("decomposition.csv" if csv else "decomposition.parquet"))
+        records = jsonable(table.to_dict(orient="records"))
+        gaps = dec.gaps(table)
+        reference = next(r["label"] for r in records
+                          if r["role"] == "in" and r["split"] == "test" and r["transform"] == "none")
+        means, diffs = decomposition_tables(records, reference)
+        bpd = {r["label"]: r for r in records if r["term"] == "bpd"}
+        means.headers.insert(1, "bits/dim")
+        for row in means.rows:
+            b = bpd[row[0]]
+            spread = f" ± {b['std']:.3f}" if b["std"] is not None else ""
+            row.insert(1, f"{b['mean']:.3f}{spread}")
+        out.print(rich_table(means, f"{meta.model} on {meta.in_dataset}: log p(x) and its terms "
+                                    "per data set (nats per image)"))
+        if len(diffs.headers) > 1:
+            out.print(rich_table(
+                diffs, f"Difference from {reference} (nats; share of the log p(x) gap)"))
+        if not gaps:
+            note("no OOD set in the scores: run ood-audit score --ood mnist to compare one")
+        for gap in gaps:
+            out.print(gap.sentence(), highlight=False)
+        out.print(f"wrote {path}", highlight=False)
+        if over_training:
+            _over_training(rd, df, over_training_limit, device, data_root)
 
 
 def _over_training(rd, df, limit: int, device: str | None, data_root: Path | None) -> None:
