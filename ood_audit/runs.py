@@ -9,9 +9,12 @@ except files in it::
       checkpoints/epoch-NNNN.safetensors
       train_state.pt              optimizer, scheduler, RNG, data order (for --resume)
       metrics.parquet             one row per epoch
-      scores.parquet              one row per scored image
+      scores/part-<rank>.parquet  one row per scored image (one part per torchrun rank;
+                                  an older run's single scores.parquet is still read)
+      ensemble.json               only in an ensemble folder: {"members": ["seed-0", ...]}
       decomposition.parquet
       over_training.parquet       term means per epoch checkpoint (decompose --over-training)
+      second_order.json           predicted vs measured OOD gap (decompose --second-order)
       pixel_maps.npz              per-pixel log-likelihood of a few images (PixelCNN++)
       report/
     runs/latest                   text file naming the last run trained
@@ -29,6 +32,7 @@ from .errors import UserError
 
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
+ENSEMBLE_FILE = "ensemble.json"
 
 
 class RunDir:
@@ -38,16 +42,40 @@ class RunDir:
         self.root = Path(root)
 
     config = property(lambda self: self.root / "config.yaml")
-    model = property(lambda self: self.root / "model.safetensors")
+    ensemble = property(lambda self: self.root / ENSEMBLE_FILE)
     checkpoints = property(lambda self: self.root / "checkpoints")
     train_state = property(lambda self: self.root / "train_state.pt")
     metrics = property(lambda self: self.root / "metrics.parquet")
-    scores = property(lambda self: self.root / "scores.parquet")
+    scores = property(lambda self: self.root / "scores")  # folder of part-<rank>.parquet
+    legacy_scores = property(lambda self: self.root / "scores.parquet")  # before sharding
     decomposition = property(lambda self: self.root / "decomposition.parquet")
     over_training = property(lambda self: self.root / "over_training.parquet")
+    second_order = property(lambda self: self.root / "second_order.json")
     pixel_maps = property(lambda self: self.root / "pixel_maps.npz")
     report = property(lambda self: self.root / "report")
     lock = property(lambda self: self.root / ".lock")
+
+    @property
+    def model(self) -> Path:
+        """The run's weights; in an ensemble folder, member 0's (outputs stay in the folder)."""
+        members = self.ensemble_members()
+        return (members[0] if members else self.root) / "model.safetensors"
+
+    def ensemble_members(self) -> list[Path]:
+        """Member run folders named by ``ensemble.json`` (relative to the folder), member 0
+        first; [] when this is not an ensemble folder."""
+        if not self.ensemble.is_file():
+            return []
+        import json
+
+        try:
+            members = json.loads(self.ensemble.read_text())["members"]
+            if not members or not all(isinstance(m, str) for m in members):
+                raise ValueError("members must be a non-empty list of folder names")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.ensemble} is damaged ({exc}); it should read "
+                            '{"members": ["seed-0", "seed-1", ...]}') from None
+        return [self.root / m for m in members]
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch-{epoch:04d}.safetensors"
@@ -85,6 +113,9 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
     if not rd.root.is_dir():
         raise UserError(f"run directory {rd.root} does not exist: name the folder of a trained "
                         "run (ood-audit train writes runs/<model>-<data>-<time>)")
+    if need_model and rd.ensemble_members() and not rd.model.exists():
+        raise UserError(f"{rd.ensemble} names member {rd.ensemble_members()[0].name}, which holds no "
+                        "model.safetensors: finish training the ensemble first")
     if need_model and not rd.model.exists():
         raise UserError(
             f"{rd.root} holds no model.safetensors: is it a run directory? "
@@ -182,6 +213,37 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final`` (same parent), replacing what is there.
+
+    POSIX cannot rename a folder over a non-empty one, so the old one is renamed aside
+    first and deleted after: a reader sees the old table or the new one, or (for the
+    instant between the two renames) none, never a mixture of parts.
+    """
+    import shutil
+    import uuid
+
+    tmp, final = Path(tmp), Path(final)
+    for f in tmp.iterdir():  # the parts' bytes are on disk before the folder appears
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    had_old = final.exists() or final.is_symlink()
+    try:
+        if had_old:
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise UserError(f"cannot write {final}: {exc.strerror or exc}") from None
+    _fsync_dir(final.parent)
+    if had_old:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
 
 
 @contextlib.contextmanager

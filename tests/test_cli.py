@@ -50,7 +50,7 @@ def test_train_then_score_with_latest_pointer(in_tmp, tiny_data, tiny_ood, capsy
     code, out, err = run(["score", "--ood", "noise-uniform", "--ood", str(tiny_ood),
                           "--limit", "40", "--train-limit", "20"], capsys)
     assert code == 0, err
-    assert (in_tmp / "runs/t1/scores.parquet").exists()
+    assert (in_tmp / "runs/t1/scores/part-0.parquet").exists()
     assert "noise-uniform" in out and "AUROC" in out
 
 

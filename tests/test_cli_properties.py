@@ -186,14 +186,14 @@ def break_scores(scored: Path, dst_root: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     out = []
-    raw = (scored / "scores.parquet").read_bytes()
-    table = pq.read_table(scored / "scores.parquet")
+    raw = (scored / "scores" / "part-0.parquet").read_bytes()
+    table = pq.read_table(scored / "scores" / "part-0.parquet")
 
     def copy(name: str) -> Path:
         dst = dst_root / name
         shutil.copytree(scored, dst)
         out.append(str(dst))
-        return dst / "scores.parquet"
+        return dst / "scores" / "part-0.parquet"
 
     copy("scores_truncated").write_bytes(raw[: len(raw) // 2])
     copy("scores_random").write_bytes(bytes(range(256)) * 8)

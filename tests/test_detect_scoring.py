@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from ood_audit.analysis.detectors import waic_score
+from ood_audit.analysis.tables import load_run_scores
 from ood_audit.errors import UserError
 from ood_audit.report.build import build_report
 from ood_audit.runs import RunDir
-from ood_audit.scoring.schema import read_scores
 from ood_audit.scoring.scorer import held_out_job, score_run
 from ood_audit.training.background import background_dir, train_background
 from ood_audit.training.checkpoint import load_checkpoint
@@ -25,7 +25,7 @@ SCORE = dict(limit=40, train_limit=24, batch_size=16, device="cpu", notify=lambd
 
 def copy_run(src, dst) -> RunDir:
     """A private copy of the shared tiny run (the fixture is read-only)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "scores.parquet"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "scores.parquet", "scores"))
     return RunDir(dst)
 
 
@@ -41,7 +41,7 @@ def scored_with_twin(tiny_run, tmp_path_factory):
     member = copy_run(tiny_run, tmp / "member")
     shutil.copyfile(member.epoch_checkpoint(1), member.model)
     score_run(rd, ["noise-uniform", "constant"], members=[member.root], **SCORE)
-    df, meta = read_scores(rd.scores)
+    df, meta = load_run_scores(rd)
     return rd, df, meta
 
 
@@ -118,7 +118,7 @@ def test_named_detector_without_its_inputs_fails_before_scoring(tiny_run, tmp_pa
 def test_one_named_detector_writes_only_its_column(tiny_run, tmp_path):
     rd = copy_run(tiny_run, tmp_path / "run")
     score_run(rd, ["noise-uniform"], detectors=["complexity"], **SCORE)
-    df, meta = read_scores(rd.scores)
+    df, meta = load_run_scores(rd)
     assert [c for c in df.columns if c.startswith("score_")] == ["score_complexity"]
     assert meta.extra_columns == ["png_bits"]
 
@@ -126,7 +126,7 @@ def test_one_named_detector_writes_only_its_column(tiny_run, tmp_path):
 def test_held_out_train_rows(tiny_run, tmp_path):
     rd = copy_run(tiny_run, tmp_path / "run")  # trained with --limit 128 on 256 images
     score_run(rd, ["noise-uniform"], held_out=True, detectors=["typicality"], **SCORE)
-    df, meta = read_scores(rd.scores)
+    df, meta = load_run_scores(rd)
     train = df[df.split == "train"]
     assert train["index"].tolist() == list(range(128, 128 + 24))
     assert "held out" in meta.extra["train_rows"]
@@ -151,7 +151,7 @@ def test_train_background_nested_run(tiny_run, tmp_path):
     with pytest.raises(UserError, match="already has a background"):
         train_background(rd, runs_root=tmp_path, log=lambda m: None)
     score_run(rd, ["noise-uniform"], detectors=["likelihood-ratio"], **SCORE)
-    df, meta = read_scores(rd.scores)
+    df, meta = load_run_scores(rd)
     assert json.loads(meta.extra["background"])["mu"] == 0.2
     assert not np.allclose(df["score_likelihood-ratio"], 0.0)
 
@@ -196,5 +196,5 @@ def test_cli_background_then_score_prints_detectors(tiny_run, tmp_path, capsys, 
                           capsys)
     assert code == 0, err
     assert "likelihood-ratio" in out and "complexity" in out
-    df, meta = read_scores(rd.scores)
+    df, meta = load_run_scores(rd)
     assert json.loads(meta.extra["detectors"]) == ["likelihood-ratio", "complexity"]

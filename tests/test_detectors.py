@@ -45,6 +45,9 @@ def full_frame(n: int = 60) -> tuple[pd.DataFrame, object]:
     df["log_px_background"] = df["log_px"] - rng.normal(50, 5, len(df))
     df["log_px_member1"] = df["log_px"] + rng.normal(0, 3, len(df))
     df["log_px_member2"] = df["log_px"] + rng.normal(0, 3, len(df))
+    members = df[["log_px", "log_px_member1", "log_px_member2"]].to_numpy()
+    top = members.max(axis=1, keepdims=True)  # per row, so exp does not underflow
+    df["log_px_ensemble"] = (np.log(np.exp(members - top).mean(axis=1, keepdims=True)) + top)[:, 0]
     df["png_bits"] = rng.normal(4000, 300, len(df))
     df["jp2_bits"] = rng.normal(6000, 300, len(df))
     meta = fake_meta(terms, extra={LEVEL_DIMS_KEY: json.dumps([D // 2, D // 2])})

@@ -35,7 +35,7 @@ def test_train_and_score_real_fashionmnist_vs_mnist(tmp_path, monkeypatch):
         main(["score", "--ood", "mnist", "--ood", "noise-uniform", "--limit", "300",
               "--train-limit", "200"])
     assert exc.value.code == 0
-    df, meta = read_scores(tmp_path / "runs/real/scores.parquet")
+    df, meta = read_scores(tmp_path / "runs/real/scores")
     assert meta.in_dataset == "fashionmnist"
     counts = df.groupby(["dataset", "split"]).size()
     assert counts[("fashionmnist", "test")] == 300 and counts[("mnist", "test")] == 300

@@ -455,7 +455,7 @@ def test_damaged_scores_parquet_is_one_line_naming_the_file(scored_run, tmp_path
                                                             kind):
     rd = RunDir(tmp_path / "run")
     shutil.copytree(scored_run.root, rd.root)
-    needle = _damage_scores(rd.scores, kind)
+    needle = _damage_scores(rd.scores / "part-0.parquet", kind)
     argv = (["decompose", "--run", str(rd.root)] if command == "decompose" else
             ["report", str(rd.root), "--n-boot", "0", "--format", "json"])
     code, _, err = cli(argv)
@@ -571,14 +571,14 @@ def test_bad_training_input_is_one_line_and_writes_no_run(bad_inputs, tiny_data,
 def test_bad_ood_set_leaves_the_previous_scores_intact(scored_run, bad_inputs, tmp_path):
     rd = RunDir(tmp_path / "run")
     shutil.copytree(scored_run.root, rd.root)
-    before = file_sha256(rd.scores)
+    before = file_sha256(rd.scores / "part-0.parquet")
     for name in ("NaN in float array", "mixed image sizes", "undecodable image"):
         path = bad_inputs[name][0][1]
         code, _, err = cli(["score", "--run", str(rd.root), "--ood", "noise-uniform",
                             "--ood", path, "--limit", "8", "--train-limit", "8",
                             "--device", "cpu"])
         one_error_line(code, err, Path(path).name)
-        assert file_sha256(rd.scores) == before, name  # partial work stays valid
+        assert file_sha256(rd.scores / "part-0.parquet") == before, name  # partial work stays valid
     code, _, err = cli(["decompose", "--run", str(rd.root)])
     assert code == 0, err
 

@@ -20,7 +20,7 @@ from ood_audit.training.checkpoint import load_checkpoint, save_checkpoint
 @pytest.fixture(scope="module")
 def scored(tiny_run, tiny_ood, tmp_path_factory):
     rd = RunDir(tiny_run)
-    out = tmp_path_factory.mktemp("scored") / "scores.parquet"
+    out = tmp_path_factory.mktemp("scored") / "scores"
     model, info = load_checkpoint(rd.model)
     from ood_audit.scoring.scorer import build_jobs
 
@@ -121,7 +121,7 @@ def test_truncated_checkpoint_is_a_user_error(tiny_run, tmp_path):
 def test_scores_reader_rejects_truncated_and_foreign(scored, tmp_path, tiny_run):
     path = tmp_path / "scores.parquet"
     score_run(RunDir(tiny_run), ["noise-uniform"], limit=10, train_limit=0)
-    good = (RunDir(tiny_run).scores).read_bytes()
+    good = (RunDir(tiny_run).scores / "part-0.parquet").read_bytes()
     path.write_bytes(good[:200])
     with pytest.raises(UserError, match="not a readable Parquet"):
         read_scores(path)

@@ -299,6 +299,6 @@ def test_cli_score_with_transforms(tiny_data, tmp_path, capsys):
     assert code == 0, cap.err
     for label in ("noise-uniform[contrast=0.5]", "noise-uniform[invert]"):
         assert cap.out.count(label) == 2  # the scores table and the detectors' AUROC table
-    df, _ = read_scores(run / "scores.parquet")
+    df, _ = read_scores(run / "scores")
     assert set(df["transform"]) == {"none", "invert", "contrast=0.5"}
     assert set(df.loc[df["transform"] != "none", "role"]) == {"in", "ood"}

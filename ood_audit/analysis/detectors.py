@@ -19,16 +19,22 @@ every report without touching it:
 ``level-ratio``      per-dimension log-likelihood of a multi-scale flow's last level minus
                      that of its earlier levels (after Schirrmeister et al. 2020). Needs:
                      a model with ``log_pz_level{i}`` terms (Glow), L >= 2.
+``ensemble``         log of the members' mean density, log (1/M) sum_j p_j(x) (Nalisnick
+                     et al. 2019: ensembles do not close the gap). Needs: an ensemble.
 ===================  ===================================================================
 
-``ood-audit score`` writes each selected detector into a ``score_<name>`` column (all
-that apply by default); a report shows ``likelihood`` and those columns.
+``ood-audit score`` writes each selected detector's inputs and records the selection in
+the metadata (all that apply by default); :func:`with_detector_scores`, called by every
+reader (:func:`ood_audit.analysis.tables.load_run_scores`), adds the ``score_<name>``
+columns at read time, since several need the whole table (typicality's entropy comes
+from the train rows). A report shows ``likelihood`` and those columns.
 :func:`detector_scores` computes a detector named explicitly from its input columns
 when its column is absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +44,13 @@ import pandas as pd
 
 from ..errors import UserError
 from ..scoring.features import FEATURES
-from ..scoring.schema import BACKGROUND_COLUMN, MEMBER_PREFIX, ScoresMeta
+from ..scoring.schema import BACKGROUND_COLUMN, ENSEMBLE_COLUMN, MEMBER_PREFIX, ScoresMeta
 from . import typicality
 
 SCORE_PREFIX = "score_"
 LEVEL_DIMS_KEY = "level_dims"  # ScoresMeta.extra key: JSON list, dims factored out per level
+DETECTORS_KEY = "detectors"  # ScoresMeta.extra key: JSON list of the detectors score chose
+ENTROPY_KEY = "typicality_entropy_nats"  # ScoresMeta.extra key set at read time
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,10 @@ def _needs_levels(df: pd.DataFrame, meta: ScoresMeta | None) -> str | None:
     return None
 
 
+def _ensemble(df: pd.DataFrame, meta: ScoresMeta) -> pd.Series:
+    return df[ENSEMBLE_COLUMN].astype(float)
+
+
 _BACKGROUND_FIX = ("train one with ood-audit train --background --run RUN, then rescore "
                    "with ood-audit score --run RUN")
 
@@ -239,6 +251,16 @@ DETECTORS: dict[str, Detector] = {
             requires="a multi-scale flow (glow, glow-cv)",
             fix="it applies to multi-scale flows (glow, glow-cv) scored by ood-audit score",
             check=_needs_levels,
+        ),
+        Detector(
+            name="ensemble",
+            summary="log of the ensemble's mean density, log (1/M) sum_j p_j(x) "
+                    "(Nalisnick et al. 2019)",
+            needs=("log_px", ENSEMBLE_COLUMN),
+            score=_ensemble,
+            requires="an ensemble: score --member RUN2 ..., or --run on an ensemble folder",
+            fix="rescore with --member RUN2 [--member RUN3 ...], or --run on a folder written "
+                "by train --seeds",
         ),
     ]
 }
@@ -299,6 +321,31 @@ def detector_scores(df: pd.DataFrame, meta: ScoresMeta,
                             f"{', '.join(available_detectors(df, meta))}")
         out[name] = compute_detector(name, df, meta)
     return out
+
+
+def with_detector_scores(df: pd.DataFrame, meta: ScoresMeta) -> tuple[pd.DataFrame, ScoresMeta]:
+    """Add a ``score_<name>`` column for every detector ``score`` chose (metadata
+    ``detectors``) that the table does not hold yet; the meta gains read-time values
+    (``typicality_entropy_nats``). Tables without that list (precomputed columns, older
+    runs) come back unchanged. ``likelihood`` needs no column: it is ``log_px``.
+    """
+    try:
+        names = json.loads(meta.extra.get(DETECTORS_KEY, "[]"))
+    except ValueError:
+        raise UserError(f"scores metadata {DETECTORS_KEY!r} is damaged; rescore") from None
+    new = {}
+    for name in names:
+        column = f"{SCORE_PREFIX}{name}"
+        if name == DEFAULT_DETECTOR or column in df.columns or name not in DETECTORS:
+            continue
+        new[column] = compute_detector(name, df, meta).to_numpy(float)
+    if not new:
+        return df, meta
+    extra = dict(meta.extra)
+    if f"{SCORE_PREFIX}typicality" in new:
+        extra[ENTROPY_KEY] = f"{typicality.entropy_estimate(typicality.entropy_rows(df)):.6g}"
+    df = pd.concat([df, pd.DataFrame(new, index=df.index)], axis=1)
+    return df, dataclasses.replace(meta, extra=extra)
 
 
 def detectors_help() -> str:

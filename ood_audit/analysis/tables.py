@@ -25,20 +25,24 @@ GROUP_KEYS = ["dataset", "role", "split", "transform"]
 
 
 def scores_location(rd: RunDir) -> Path:
-    """``scores.parquet``, else a sharded ``scores/`` folder; UserError when neither exists."""
-    if rd.scores.exists():
-        return rd.scores
-    sharded = rd.root / "scores"
-    if sharded.is_dir():
-        return sharded
+    """The ``scores/`` folder of part files, else an older run's ``scores.parquet``;
+    UserError when neither exists."""
+    for path in (rd.scores, rd.legacy_scores):
+        if path.exists():
+            return path
     raise UserError(
-        f"{rd.root} holds no scores.parquet: run ood-audit score --run {rd.root} --ood mnist first"
+        f"{rd.root} holds no scores.parquet or scores/ folder: run ood-audit score --run "
+        f"{rd.root} --ood mnist first"
     )
 
 
 def load_run_scores(rd: RunDir) -> tuple[pd.DataFrame, ScoresMeta]:
-    """The run's scores table (checked by :func:`~ood_audit.scoring.schema.read_scores`)."""
-    return read_scores(scores_location(rd))
+    """The run's scores table (checked by :func:`~ood_audit.scoring.schema.read_scores`),
+    with the ``score_<name>`` column of every detector ``score`` chose, computed now
+    (:func:`~ood_audit.analysis.detectors.with_detector_scores`)."""
+    from .detectors import with_detector_scores
+
+    return with_detector_scores(*read_scores(scores_location(rd)))
 
 
 def set_label(dataset: str, transform: str) -> str:

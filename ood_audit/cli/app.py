@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import GateFailed, UserError
-from . import decompose_cmd, report_cmd, score_cmd, train_cmd
+from . import decompose_cmd, report_cmd, run_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
     name="ood-audit",
@@ -25,7 +25,8 @@ app = typer.Typer(
         "  ood-audit train --model glow --data fashionmnist\n\n"
         "  ood-audit score --ood mnist --ood noise-uniform\n\n"
         "  ood-audit decompose\n\n"
-        "  ood-audit report --gate 'mnist:auroc>=0.9'"
+        "  ood-audit report --gate 'mnist:auroc>=0.9'\n\n"
+        "Or all four from one YAML: ood-audit run examples/paper/fashionmnist_vs_mnist.yaml"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -53,6 +54,7 @@ app.command("train")(train_cmd.train)
 app.command("score")(score_cmd.score)
 app.command("decompose")(decompose_cmd.decompose)
 app.command("report")(report_cmd.report)
+app.command("run")(run_cmd.run)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,23 @@ def decompose(
         "plots over training); writes over_training.parquet."),
     over_training_limit: int = typer.Option(
         500, "--over-training-limit", help="Images per set rescored for --over-training."),
+    second_order: bool = typer.Option(
+        False, "--second-order", help="Also predict each OOD set's gap in mean log p(x) from "
+        "second-order statistics, 1/2 Tr(H (Sigma_ood - Sigma_in)) with H the Hessian of "
+        "log p(x) at the in-distribution test mean (Nalisnick et al. 2019, section 5), by "
+        "Hessian-vector products; for glow-cv also the paper's closed form from per-channel "
+        "variances and the 1x1 conv weights. Sets it beside the measured gap on the same "
+        "images; writes second_order.json. Flows only (glow, glow-cv): PixelCNN++ and the "
+        "VAE model integer pixels, so their log p(x) has no Hessian."),
+    second_order_limit: int = typer.Option(
+        500, "--second-order-limit", help="Images per set for --second-order (the first N "
+        "of each set, dequantized as the scorer did)."),
+    second_order_batch: int = typer.Option(
+        64, "--second-order-batch", help="Hessian-vector products per batch for --second-order."),
+    second_order_center: str = typer.Option(
+        "in", "--second-order-center", help="Expansion point x0 for --second-order: 'in' "
+        "(mean image of the in-distribution test set) or 'pooled' (mean of it and the OOD "
+        "set together, one x0 per OOD set)."),
     device: str = DeviceOpt,
     data_root: Path = DataRootOpt,
 ) -> None:
@@ -76,6 +93,9 @@ def decompose(
         out.print(f"wrote {path}", highlight=False)
         if over_training:
             _over_training(rd, df, over_training_limit, device, data_root)
+        if second_order:
+            _second_order(rd, df, meta, second_order_limit, second_order_batch,
+                          second_order_center, device, data_root)
 
 
 def _over_training(rd, df, limit: int, device: str | None, data_root: Path | None) -> None:
@@ -100,3 +120,43 @@ def _over_training(rd, df, limit: int, device: str | None, data_root: Path | Non
                                  for (_, term), v in row.items()))
     out.print(rt)
     out.print(f"wrote {rd.over_training}", highlight=False)
+
+
+def _second_order(rd, df, meta, limit: int, batch: int, center: str, device: str | None,
+                  data_root: Path | None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..analysis import second_order as so
+    from .console import err
+
+    class Bar(so.SecondOrderProgress):
+        def __init__(self) -> None:
+            self.bar = Progress(TextColumn("H v {task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                                transient=True, disable=not err.is_terminal)
+            self.task = None
+
+        def start(self, label: str, total: int) -> None:
+            if self.task is not None:
+                self.bar.update(self.task, visible=False)
+            self.task = self.bar.add_task(label, total=total)
+
+        def advance(self, n: int) -> None:
+            self.bar.update(self.task, advance=n)
+
+    ood = [str(d) for d in df.loc[(df["role"] == "ood") & (df["transform"] == "none"),
+                                  "dataset"].unique()]
+    if not ood:
+        note("--second-order needs an OOD set in the scores: run ood-audit score --ood mnist")
+        return
+    progress = Bar()
+    with progress.bar:
+        result = so.second_order_run(rd, ood, limit=limit, root=data_root, batch_size=batch,
+                                     device=device or "auto", seed=meta.dequant_seed,
+                                     center=center, progress=progress)
+    gaps_t, var_t = so.second_order_tables(result)
+    out.print(rich_table(gaps_t, f"Second-order prediction vs measured gap, {limit} images per "
+                                 "set (nats per image, OOD minus in-distribution test)"))
+    out.print(rich_table(var_t, "Per-channel variance of the dequantized pixels"))
+    out.print(so.second_order_note(result), highlight=False)
+    out.print(f"wrote {rd.second_order}", highlight=False)

@@ -8,6 +8,7 @@ import typer
 
 from ..analysis.detectors import DETECTORS
 from ..data import DATASETS
+from ..models.fastpath import FAST_PATHS
 from ..models.registry import MODELS
 
 
@@ -45,3 +46,19 @@ OOD_HELP = (
 
 def path_or_none(value: Path | None) -> Path | None:
     return Path(value) if value is not None else None
+
+
+def _fast(name: str) -> typer.models.OptionInfo:
+    flag = "--" + name.replace("_", "-")
+    return typer.Option(False, flag, help=f"Glow fast path: {FAST_PATHS[name]}. Recorded in the "
+                        "scores' metadata (model.fast_path). Default: the exact float32 path.")
+
+
+#: One opt-in flag per fast path (ood_audit/models/fastpath.py), same names as the options.
+ChannelsLastOpt, CompileOpt, Bf16Opt, Tf32Opt = (_fast(n) for n in ("channels_last", "compile",
+                                                                      "bf16", "tf32"))
+
+
+def fast_path_options(**flags: bool) -> dict[str, object]:
+    """The model options (``set_score_option``) for the fast-path flags that are on."""
+    return {name: True for name, on in flags.items() if on}

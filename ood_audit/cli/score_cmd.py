@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,24 @@ from rich.table import Table
 
 from ..analysis.tables import set_label
 from ..data.transforms import TRANSFORMS
+from ..distributed import dist_env, init_distributed
 from ..runs import resolve_run, run_lock
 from ..scoring.scorer import ScoreJob, ScoreProgress, SetSummary, score_run
 from .console import err, note
 from .console import out as stdout
-from .options import DETECTOR_HELP, OOD_HELP, DataRootOpt, DeviceOpt, DownloadOpt, RunOpt
+from .options import (
+    DETECTOR_HELP,
+    OOD_HELP,
+    Bf16Opt,
+    ChannelsLastOpt,
+    CompileOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    RunOpt,
+    Tf32Opt,
+    fast_path_options,
+)
 
 
 class RichScoreProgress(ScoreProgress):
@@ -122,7 +136,8 @@ def score(
         "several. Default: every one whose needs are met. " + DETECTOR_HELP),
     member: list[Path] = typer.Option(
         None, "--member", help="Another run trained on the same data: with this run it forms "
-        "the ensemble of the waic detector (this run is member 0); repeat for more."),
+        "the ensemble of the waic and ensemble detectors (this run is member 0); repeat for "
+        "more. An ensemble folder (--run DIR written by train --seeds) brings its own."),
     held_out: bool = typer.Option(
         False, "--held-out", help="Take the in-distribution train rows (the typicality "
         "detector's entropy estimate) from train images the model never saw: those after "
@@ -132,13 +147,21 @@ def score(
     device: str = DeviceOpt,
     data_root: Path = DataRootOpt,
     download: bool = DownloadOpt,
+    channels_last: bool = ChannelsLastOpt,
+    compile: bool = CompileOpt,
+    bf16: bool = Bf16Opt,
+    tf32: bool = Tf32Opt,
 ) -> None:
     """Score the in-distribution test split and each --ood set with the run's checkpoint.
 
-    Writes RUN/scores.parquet: one row per image, one column per likelihood term
-    (log p(z) per level, log|det| per level and layer kind), log_px and bits/dim, and a
-    score_<name> column per detector (likelihood ratio with RUN/background, typicality,
-    input complexity, WAIC with --member, flow level ratio).
+    Writes RUN/scores/part-0.parquet: one row per image, one column per likelihood term
+    (log p(z) per level, log|det| per level and layer kind), log_px and bits/dim, and
+    the inputs of each detector (background log p(x) with RUN/background, members'
+    log p(x) and the ensemble's with --member, PNG length); readers add the detector
+    scores. --run on an ensemble folder (train --seeds) scores every member.
+
+    Sharded: torchrun --nproc_per_node N -m ood_audit score ... splits every set across
+    N processes, each writing RUN/scores/part-<rank>.parquet; the numbers are the same.
 
     Example: ood-audit score --ood mnist --ood noise-uniform --limit 2000
     Variance sweep: ood-audit score --ood svhn --transform contrast=0.5 --transform grayscale
@@ -157,16 +180,28 @@ def score(
         if iw_samples <= 0:
             raise UserError(f"--iw-samples must be positive, got {iw_samples}")
         options["iw_samples"] = iw_samples
+    options.update(fast_path_options(channels_last=channels_last, compile=compile, bf16=bf16,
+                                     tf32=tf32))
     rd = resolve_run(run)
-    progress = RichScoreProgress()
-    with run_lock(rd, "ood-audit score"), progress.bar:
-        summaries = score_run(rd, list(ood), root=data_root, download=download, limit=limit,
-                              train_limit=train_limit, batch_size=batch_size,
-                              device=device or "auto", seed=seed, notify=note,
-                              progress=progress, options=options,
-                              detectors=list(dict.fromkeys(detector)) if detector else None,
-                              members=list(member or []), held_out=held_out,
-                              transforms=list(transform or []))
+    ctx = init_distributed(device or "auto") if dist_env()[1] > 1 else None
+    is_main = ctx is None or ctx.is_main
+    progress = RichScoreProgress() if is_main else None
+    try:
+        # under torchrun only rank 0 holds the run's lock: the ranks write one table together
+        with (run_lock(rd, "ood-audit score") if is_main else contextlib.nullcontext()), \
+                (progress.bar if progress else contextlib.nullcontext()):
+            summaries = score_run(rd, list(ood), root=data_root, download=download, limit=limit,
+                                  train_limit=train_limit, batch_size=batch_size,
+                                  device=device or "auto", seed=seed, notify=note,
+                                  progress=progress, options=options,
+                                  detectors=list(dict.fromkeys(detector)) if detector else None,
+                                  members=list(member or []), held_out=held_out,
+                                  transforms=list(transform or []))
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if not is_main:
+        return
     stdout.print(summary_table(summaries))
     stdout.print(detector_table(rd))
     stdout.print(f"wrote {rd.scores} ({sum(s.n for s in summaries):,} rows); next: "

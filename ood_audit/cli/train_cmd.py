@@ -8,9 +8,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..config import RunConfig, from_dict
+from ..distributed import dist_env
 from ..errors import UserError
 from ..runs import resolve_run
 from ..training.background import DEFAULT_MU, DEFAULT_WEIGHT_DECAY, background_dir, train_background
+from ..training.ensemble import ENSEMBLE_FILE, member_name, parse_seeds, train_ensemble
 from ..training.run import load_run_config, train_run
 from ..training.trainer import EpochResult, TrainProgress
 from .console import err, note
@@ -72,9 +74,16 @@ def train(
     out: Path = typer.Option(None, "--out", "-o", help="Run directory. Default: "
                              "runs/<model>-<data>-<time>."),
     epochs: int = typer.Option(None, "--epochs", help="Passes over the training set."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Images per step."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Images per step: the GLOBAL batch. Under torchrun each of "
+        "N ranks trains on batch/N of it (N must divide it), so a run with N ranks follows "
+        "the trajectory of one process with the same --batch-size."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (Adam, linear warm-up)."),
     seed: int = typer.Option(None, "--seed", help="Seed of init, data order and noise."),
+    seeds: str = typer.Option(
+        None, "--seeds", help="An ensemble: one run per seed, e.g. --seeds 0,1,2,3,4, trained "
+        "one after another into OUT/seed-<s> (each equal to a train --seed s run), listed in "
+        "OUT/ensemble.json as they finish. --resume --out OUT continues the unfinished ones."),
     limit: int = typer.Option(None, "--limit", help="Train on the first N images only."),
     keep_checkpoints: str = typer.Option(
         None, "--keep-checkpoints", help="Per-epoch checkpoints kept for decompose "
@@ -105,7 +114,16 @@ def train(
     Example: ood-audit train --model glow --data fashionmnist --epochs 2 --limit 10000
 
     Background model for the likelihood ratio: ood-audit train --background --run RUN
+
+    Ensemble of 5 seeds: ood-audit train --seeds 0,1,2,3,4 --out runs/ens
+
+    Data-parallel (DDP; rank 0 writes): torchrun --nproc_per_node 2 -m ood_audit train ...
     """
+    if dist_env()[0] != 0:  # under torchrun rank 0 speaks for the run
+        stdout.quiet = err.quiet = True
+    if seeds is not None and background:
+        raise UserError("--seeds cannot be combined with --background: train the ensemble, "
+                        "then a background model per member with --background --run OUT/seed-<s>")
     if background:
         _train_background(run=run, out=out, mu=mu, weight_decay=weight_decay, resume=resume,
                           named={"--model": model, "--data": data, "--preset": preset,
@@ -115,6 +133,9 @@ def train(
                                          keep_checkpoints=keep_checkpoints),
                           data_root=data_root, download=download)
         return
+    if seeds is not None and seed is not None:
+        raise UserError("--seeds and --seed conflict: --seeds 0,1,2 trains one run per seed, "
+                        "--seed S one run")
     for flag, value in (("--mu", mu), ("--run", run)):
         if value is not None:
             raise UserError(f"{flag} applies to --background only (the likelihood-ratio "
@@ -132,10 +153,15 @@ def train(
 
         merged = {**dataclasses.asdict(cfg.train), **overrides}
         cfg.train = from_dict(type(cfg.train), merged, where="train options")
+    if seeds is not None or (resume and out is not None and (Path(out) / ENSEMBLE_FILE).exists()):
+        _train_seeds(cfg, out, parse_seeds(seeds) if seeds is not None else None, resume=resume,
+                     epochs=epochs, data_root=data_root, download=download)
+        return
     progress = RichTrainProgress()
     try:
-        outcome = train_run(cfg, out, resume=resume, resume_epochs=epochs, data_root=data_root,
-                            download=download, log=note, progress=progress)
+        outcome = _ranks_agree(lambda: train_run(
+            cfg, out, resume=resume, resume_epochs=epochs, data_root=data_root,
+            download=download, log=note, progress=progress))
     finally:
         progress.stop()
     last = outcome.results[-1] if outcome.results else None
@@ -145,6 +171,42 @@ def train(
     if last:
         stdout.print(f"test bits/dim {last.test_bpd:.3f} after epoch {last.epoch}; next: "
                   f"ood-audit score --run {outcome.run_dir} --ood mnist", highlight=False)
+
+
+def _ranks_agree(call):
+    """``call()``; under torchrun a UserError ends ranks other than 0 silently with exit
+    code 2 (every rank raises the same one, rank 0 prints it)."""
+    try:
+        return call()
+    except UserError:
+        if dist_env()[0] != 0:
+            raise typer.Exit(UserError.exit_code) from None
+        raise
+
+
+def _train_seeds(cfg: RunConfig, out: Path | None, seeds: list[int] | None, *, resume: bool,
+                 epochs: int | None, data_root: Path | None, download: bool) -> None:
+    """``train --seeds``: one member per seed, one after another (see training/ensemble.py)."""
+    progress = RichTrainProgress()
+
+    def done(outcome) -> None:
+        last = outcome.results[-1] if outcome.results else None
+        stdout.print(f"[bold]trained[/] member {outcome.run_dir.name} (seed "
+                     f"{outcome.config.train.seed}) -> {outcome.run_dir}"
+                     + (f", test bits/dim {last.test_bpd:.3f}" if last else ""), highlight=False)
+
+    try:
+        outcomes = _ranks_agree(lambda: train_ensemble(
+            None if resume else cfg, out, seeds, resume=resume, resume_epochs=epochs,
+            data_root=data_root, download=download, log=note, progress=progress, on_member=done))
+    finally:
+        progress.stop()
+    root = outcomes[0].run_dir.parent
+    names = [member_name(o.config.train.seed) for o in outcomes]
+    stdout.print(f"[bold]ensemble[/] of {len(names)} -> {root / ENSEMBLE_FILE}; next: ood-audit "
+                 f"score --run {root / names[0]} "
+                 + " ".join(f"--member {root / n}" for n in names[1:]) + " --ood mnist",
+                 highlight=False)
 
 
 def _train_background(*, run: Path | None, out: Path | None, mu: float | None,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import DensityModel
+from .fastpath import FAST_PATHS, FastPath, apply_memory_format, enable_tf32, require_compile, tune_cpu_allocator
 from .flows.layers import (
     ActNorm,
     AdditiveCoupling,
@@ -107,7 +108,11 @@ class Glow(DensityModel):
 
     log p(x) = sum_i log p(z_i) + sum of log-dets, in nats, as a density on [0, 1)^D;
     x is shifted by -0.5 first (a translation: no log-det). See :meth:`log_prob_terms`.
+    Fast paths (:mod:`~ood_audit.models.fastpath`): :meth:`set_fast_path`.
     """
+
+    #: torch.compile backend of the ``compile`` fast path (tests use a quick one)
+    compile_backend: str = "inductor"
 
     def __init__(self, config: GlowConfig, input_shape: tuple[int, int, int]):
         super().__init__()
@@ -139,6 +144,53 @@ class Glow(DensityModel):
                 c = c // 2
             else:
                 self.priors.append(TopPrior(c, h, w))
+        self.fast = FastPath()
+        self._compiled: Callable | None = None
+
+    def set_fast_path(self, name: str, value: bool) -> None:
+        """Turn a fast path of :data:`~ood_audit.models.fastpath.FAST_PATHS` on or off
+        (``naive`` too: the benchmark's uncached, library-conv baseline). Call it after moving the
+        model to its device: ``compile`` checks for a compiler, ``tf32`` needs CUDA."""
+        device = next(self.parameters()).device.type
+        if value and name == "compile":
+            require_compile(device)
+        if value and name == "tf32" and not enable_tf32(device):
+            raise UserError(f"--tf32 applies to CUDA devices only; this model runs on {device}")
+        self.fast.set(name, value)
+        self._compiled = None
+        for module in self.modules():
+            if isinstance(module, AffineCoupling):
+                module.bf16 = self.fast.bf16
+            if isinstance(module, InvConv1x1):
+                module.float64 = self.fast.tf32  # TF32 would lower this conv's precision
+            module.naive = self.fast.naive
+
+    def set_score_option(self, name: str, value: object) -> None:
+        """The fast paths (:data:`~ood_audit.models.fastpath.FAST_PATHS`, bool values)."""
+        if name in FAST_PATHS or name == "naive":
+            self.set_fast_path(name, value)
+        else:
+            super().set_score_option(name, value)
+
+    def _forward(self, x: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """:meth:`_run`, compiled when the ``compile`` fast path is on."""
+        if x.device.type == "cpu":
+            tune_cpu_allocator()
+        if not self.fast.compile:
+            return self._run(x)
+        if self._compiled is None:
+            # fullgraph: a graph break in the hot loop is an error, not a silent slowdown.
+            # Static shapes; a short last batch is padded below instead of recompiled.
+            self._compiled = torch.compile(self._run, fullgraph=True, dynamic=False,
+                                           backend=self.compile_backend)
+            self._compiled_batch = x.shape[0]
+        n, full = x.shape[0], self._compiled_batch
+        if n < full and not torch.is_grad_enabled():
+            # Images are independent in a forward pass, so padding changes no row.
+            pad = x[-1:].expand(full - n, *x.shape[1:])
+            terms, latents = self._compiled(torch.cat([x, pad]))
+            return {k: v[:n] for k, v in terms.items()}, [z[:n] for z in latents]
+        return self._compiled(x)
 
     def _run(self, x: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Forward pass: (named terms, latents per level)."""
@@ -148,6 +200,7 @@ class Glow(DensityModel):
         last = len(self.levels) - 1
         for i, (steps, prior) in enumerate(zip(self.levels, self.priors, strict=True)):
             z, _ = self.squeeze(z)  # a permutation: log-det is exactly zero
+            z = apply_memory_format(z, self.fast)  # the squeeze's copy is NCHW
             logdets: dict[str, Tensor] = {}
             for step in steps:
                 for kind in STEP_LAYERS:
@@ -171,11 +224,11 @@ class Glow(DensityModel):
         level), then ``logdet_level{i}_actnorm``, ``logdet_level{i}_invconv``,
         ``logdet_level{i}_coupling`` (each summed over the level's K steps; the coupling
         term is zeros[B] for additive coupling)."""
-        return self._run(x)[0]
+        return self._forward(x)[0]
 
     def encode(self, x: Tensor) -> list[Tensor]:
         """Latents: the factored-out ``z2`` of each split (level 0 first), then the top z."""
-        return self._run(x)[1]
+        return self._forward(x)[1]
 
     def _reverse(self, z: Tensor, z2_for: Callable[[int, Tensor], Tensor]) -> Tensor:
         """Invert from the top latent; ``z2_for(level, z1)`` supplies each split's z2."""
@@ -207,9 +260,15 @@ class Glow(DensityModel):
         """One forward pass so every ActNorm initialises on real data (Glow, section 3.1).
 
         ActNorm initialises lazily while its ``initialized`` buffer is 0; afterwards (and
-        after loading a checkpoint) forward passes never re-initialise.
+        after loading a checkpoint) forward passes never re-initialise. Always eager: a
+        compiled forward assumes initialised ActNorms.
         """
+        if x.device.type == "cpu":
+            tune_cpu_allocator()
         self._run(x)
 
     def extra_metadata(self) -> dict[str, str]:
-        return {"coupling": self.config.coupling, "levels": str(self.config.levels)}
+        meta = {"coupling": self.config.coupling, "levels": str(self.config.levels)}
+        if self.fast.describe() != "exact":  # absent: the exact path
+            meta["fast_path"] = self.fast.describe()
+        return meta

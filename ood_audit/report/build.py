@@ -194,7 +194,9 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
                                if "typicality" in scores else None),
         "training_curve": None if training is None else training.to_dict(orient="records"),
         "over_training": None if over is None else over.to_dict(orient="records"),
+        "second_order": _read_second_order(rd),  # decompose --second-order, or None
         "contrast_sweep": contrast_sweep(df),  # None without contrast=ALPHA rows
+        "ensemble": ensemble_aurocs(df, ref, sets),  # None without an ensemble
         "notes": notes,
     }
     return RunAnalysis(section, bpd_groups, roc, table, training,
@@ -231,6 +233,43 @@ def typicality_batches(df: pd.DataFrame, ref: pd.DataFrame, sets: list,
     return {"entropy_nats": typicality.entropy_estimate(train), "n_train": int(len(train)),
             "alpha": typicality.ALPHA, "n_batches": typicality.N_BATCHES,
             "rows": typicality.batch_table(train.to_numpy(float), ref_lp, ood, seed=seed)}
+
+
+def _read_second_order(rd: RunDir) -> dict | None:
+    """``RUN/second_order.json`` (decompose --second-order) or None; unreadable is a UserError."""
+    if not rd.second_order.exists():
+        return None
+    try:
+        return json.loads(rd.second_order.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {rd.second_order} ({exc}); rerun ood-audit decompose "
+                        "--second-order") from None
+
+
+def ensemble_aurocs(df: pd.DataFrame, ref: pd.DataFrame, sets: list) -> dict | None:
+    """Per OOD set, the AUROC of log p(x) under each member, the mean of those AUROCs, and
+    the AUROC of the ensemble's log mean density ``log_px_ensemble`` (Nalisnick et al.
+    2019: ensembling does not close the gap); None when the scores hold no ensemble."""
+    from ..analysis.detectors import member_columns
+    from ..scoring.schema import ENSEMBLE_COLUMN
+
+    if ENSEMBLE_COLUMN not in df.columns:
+        return None
+    columns = {f"member {i}": c for i, c in enumerate(["log_px", *member_columns(df)])}
+    columns["ensemble"] = ENSEMBLE_COLUMN
+
+    def auroc(column: str, rows: pd.DataFrame) -> float:
+        a, b = ref[column].to_numpy(float), rows[column].to_numpy(float)
+        a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+        return ood_metrics(a, b, n_boot=0)["auroc"] if a.size and b.size else math.nan
+
+    out = []
+    for oset in sets:
+        row = {"ood_set": oset.label, **{name: auroc(c, oset.rows) for name, c in columns.items()}}
+        members = [row[name] for name in columns if name.startswith("member ")]
+        row["members_mean"] = float(np.mean(members))
+        out.append(row)
+    return {"members": [n for n in columns if n.startswith("member ")], "rows": out}
 
 
 def _read_optional(path: Path) -> pd.DataFrame | None:

@@ -240,6 +240,42 @@ def over_training_table(records: list[dict]) -> Table:
     return t
 
 
+ENSEMBLE_NOTE = ("AUROC of log p(x) per ensemble member, their mean, and the ensemble's "
+                 "log mean density log (1/M) sum_j p_j(x). Nalisnick et al. (2019) find that "
+                 "ensembling does not close the gap: the ensemble stays near its members.")
+
+
+def ensemble_table(result: dict) -> Table:
+    """Per OOD set: each member's AUROC, their mean, the ensemble's (``ensemble`` section)."""
+    t = Table(["OOD set", *result["members"], "members' mean", "ensemble"])
+    for r in result["rows"]:
+        t.add([r["ood_set"], *[r[m] for m in result["members"]], r["members_mean"],
+               r["ensemble"]], "paradox" if r["ensemble"] is not None and r["ensemble"] < 0.5 else "")
+    return t
+
+
+def _second_order_html(result: dict | None) -> list[str]:
+    """The "Second-order prediction" section (decompose --second-order), or nothing."""
+    if not result:
+        return []
+    from ..analysis.second_order import second_order_note, second_order_tables
+
+    gaps_t, var_t = second_order_tables(result)
+    return ["<h3>Second-order prediction</h3>",
+            f'<p class="note">{html.escape(second_order_note(result))}</p>',
+            _html_table(gaps_t), _html_table(var_t)]
+
+
+def _second_order_md(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    from ..analysis.second_order import second_order_note, second_order_tables
+
+    gaps_t, var_t = second_order_tables(result)
+    return ["### Second-order prediction\n", second_order_note(result) + "\n",
+            _md_table(gaps_t), _md_table(var_t)]
+
+
 def records_table(records: list[dict]) -> Table:
     headers = list(dict.fromkeys(k for r in records for k in r))
     t = Table(headers)
@@ -319,6 +355,9 @@ def render_html(summary: dict, figs: dict[str, bytes]) -> str:
                _html_table(sets_table(run)), "<h3>ROC curves</h3>"]
         sec += [_img(figs, f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
         sec += ["<h3>Metrics</h3>", _html_table(metric_table(run["metrics"], with_run=False))]
+        if run.get("ensemble"):
+            sec += ["<h3>Ensemble vs members (AUROC)</h3>", f'<p class="note">{e(ENSEMBLE_NOTE)}</p>',
+                    _html_table(ensemble_table(run["ensemble"]))]
         if run.get("typicality_batches"):
             tb = run["typicality_batches"]
             sec += ["<h3>Typicality test on batches</h3>",
@@ -343,6 +382,7 @@ def render_html(summary: dict, figs: dict[str, bytes]) -> str:
         if run.get("over_training"):
             sec += ["<h3>Over training</h3>",
                     _html_table(over_training_table(run["over_training"]))]
+        sec += _second_order_html(run.get("second_order"))
         if run.get("notes"):
             items = "".join(f"<li>{e(x)}</li>" for x in run["notes"])
             sec.append(f'<ul class="note">{items}</ul>')
@@ -388,6 +428,9 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
                 img(f"{n}/hist", "bits/dim histograms"),
                 "### Likelihood per data set\n", _md_table(sets_table(run))]
         out += [img(f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
+        if run.get("ensemble"):
+            out += ["### Ensemble vs members (AUROC)\n", ENSEMBLE_NOTE + "\n",
+                    _md_table(ensemble_table(run["ensemble"]))]
         if run.get("typicality_batches"):
             tb = run["typicality_batches"]
             out += ["### Typicality test on batches\n", typicality_note(tb) + "\n",
@@ -404,6 +447,7 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
                 img(f"{n}/pixel-maps", "per-pixel log-likelihood")]
         if run.get("over_training"):
             out += ["### Over training\n", _md_table(over_training_table(run["over_training"]))]
+        out += _second_order_md(run.get("second_order"))
         if run.get("notes"):
             out.append("".join(f"- note: {x}\n" for x in run["notes"]))
     return "\n".join(x for x in out if x)

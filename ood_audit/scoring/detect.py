@@ -1,74 +1,91 @@
-"""What ``ood-audit score`` adds for the detectors beyond the model's own terms.
+"""What ``ood-audit score`` writes for the detectors beyond the model's own terms.
 
-After the run's model has scored every set (:func:`~ood_audit.scoring.scorer.score_jobs`),
-:func:`add_detectors` adds, per image,
+:func:`plan` decides, *before* any scoring, which detectors apply and loads what they
+need, so a named detector whose inputs cannot be had (no background model, no ensemble,
+no levels) fails at once with one line. The scorer then adds, inside its batch loop and
+on exactly the x the run's model saw (the noise is seeded by set and chunk, not model),
+the per-image inputs (:func:`batch_columns`):
 
 - ``log_px_background``: log p(x) under the run's background model ``RUN/background``
-  (likelihood ratio, Ren et al. 2019), on exactly the same dequantized x (the noise is
-  seeded by set and chunk, not by model);
-- ``log_px_member{i}``, i >= 1: log p(x) under each ``--member`` run (WAIC; member 0 is
-  the run itself, ``log_px``);
-- data features such as ``png_bits`` (input complexity, Serra et al. 2020);
-- ``score_<name>`` for every selected detector but ``likelihood`` (which is ``log_px``),
+  (likelihood ratio, Ren et al. 2019);
+- ``log_px_member{i}``, i >= 1, and its group totals ``log_pz_member{i}``,
+  ``logdet_member{i}``: each other ensemble member (``--member`` runs, or the members of
+  an ensemble folder; member 0 is the run itself), and ``log_px_ensemble``, the log of
+  the members' mean density (WAIC, the ensemble detector);
+- data features such as ``png_bits`` (input complexity, Serra et al. 2020).
 
-and rewrites the Parquet atomically with these as extra columns and with what they came
-from in the metadata (background mu and checkpoint, members, level sizes, the entropy
-estimate and which train rows gave it).
-
-:func:`plan` decides all of that *before* any scoring, so a named detector whose inputs
-cannot be had (no background model, no ensemble, no levels) fails at once with one line.
+Detector scores (``score_<name>``) are not written: several need the whole table
+(typicality's entropy estimate comes from the train rows), so every reader computes them
+at read time with :func:`ood_audit.analysis.detectors.with_detector_scores`. The metadata
+records, before scoring, which detectors were chosen and where their inputs came from
+(:func:`plan_metadata`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from ..analysis import typicality
-from ..analysis.detectors import (
-    DETECTORS,
-    LEVEL_DIMS_KEY,
-    SCORE_PREFIX,
-    compute_detector,
-)
+from ..analysis.detectors import DETECTORS, DETECTORS_KEY, LEVEL_DIMS_KEY
 from ..errors import UserError
-from ..models.base import DensityModel
-from ..runs import RunDir, atomic_path, resolve_run
+from ..models.base import DensityModel, sum_terms
+from ..runs import RunDir, resolve_run
 from ..training.background import background_dir
 from ..training.checkpoint import CheckpointInfo, load_checkpoint
 from .features import FEATURES, compute_feature
 from .schema import (
     BACKGROUND_COLUMN,
+    ENSEMBLE_COLUMN,
     FIXED_COLUMNS,
     MEMBER_PREFIX,
+    MEMBER_TOTAL_PREFIXES,
     ScoresMeta,
-    arrow_schema,
-    read_scores,
     totals_for,
 )
 
-#: ScoresMeta.extra key listing the detectors ``score`` wrote (JSON list).
-DETECTORS_KEY = "detectors"
+__all__ = ["DETECTORS_KEY", "Companion", "DetectorPlan", "batch_columns", "log_mean_exp", "plan",
+           "plan_metadata"]
+
+
+def log_mean_exp(values: np.ndarray) -> np.ndarray:
+    """log (1/M) sum_j exp(values[j]) over axis 0 ([M, N] -> [N]), in float64.
+
+    The ensemble's log density log((1/M) sum_j p_j(x)) from the members' log p_j(x).
+    ``logaddexp.reduce`` subtracts the running max, so values near -1e4 nats do not
+    underflow, and an all ``-inf`` column stays ``-inf``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise ValueError(f"log_mean_exp takes [M, N] with M >= 1, got shape {v.shape}")
+    return np.logaddexp.reduce(v, axis=0) - math.log(v.shape[0])
 
 
 @dataclass
 class Companion:
-    """Another model scored on the same images: a background model or an ensemble member."""
+    """Another model scored on the same x: a background model or an ensemble member."""
 
-    column: str
+    column: str  # its log_px column
     model: DensityModel
     info: CheckpointInfo
-    label: str  # "background", "member 1", ... (progress and messages)
+    label: str  # "background", "member 1", ... (messages)
+    totals: dict[str, list[str]] = field(default_factory=dict)  # column -> its terms to sum
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.column, *self.totals]
+
+    def score(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        terms = {k: v.double() for k, v in self.model.score_columns(x)[0].items()}
+        out = {self.column: sum_terms(terms).cpu().numpy()}
+        for column, members in self.totals.items():
+            out[column] = sum_terms({m: terms[m] for m in members}).cpu().numpy()
+        return out
 
 
 @dataclass
@@ -78,6 +95,18 @@ class DetectorPlan:
     features: list[str] = field(default_factory=list)
     level_dims: list[int] | None = None
     held_out: bool = False
+
+    @property
+    def members(self) -> list[Companion]:
+        return [c for c in self.companions if c.column.startswith(MEMBER_PREFIX)]
+
+    @property
+    def columns(self) -> list[str]:
+        """The extra columns the scorer writes for this plan, in schema order."""
+        cols = [c for comp in self.companions for c in comp.columns]
+        if self.members:
+            cols.append(ENSEMBLE_COLUMN)
+        return [*cols, *self.features]
 
 
 def latent_level_dims(model: DensityModel, terms: list[str],
@@ -114,6 +143,15 @@ def _load_companion(path: Path, info: CheckpointInfo, column: str, label: str,
     return Companion(column, model, other, label)
 
 
+def _member_totals(comp: Companion, index: int, device: torch.device) -> dict[str, list[str]]:
+    """``{"log_pz_member{i}": [its log_pz_level terms], "logdet_member{i}": [...]}``."""
+    from .scorer import model_columns
+
+    terms, _ = model_columns(comp.model, device)
+    return {f"{MEMBER_TOTAL_PREFIXES[total]}{index}": members
+            for total, members in totals_for(terms).items()}
+
+
 def prospective_table(columns: list[str], jobs) -> pd.DataFrame:
     """A stand-in of the table ``score`` will write: two rows per set, every column, all
     values 0. Detectors check it for what they need before anything is scored."""
@@ -136,7 +174,8 @@ def plan(rd: RunDir, model: DensityModel, info: CheckpointInfo, jobs, *,
     """Choose the detectors and load what they need; UserError (before any scoring) for
     an unknown detector or a named one whose inputs cannot be had.
 
-    ``detectors=None``: every registered detector whose needs are met. ``terms``,
+    ``detectors=None``: every registered detector whose needs are met. ``members``: the
+    other ensemble members' run folders (member 0 is the run). ``terms``,
     ``extra_columns``: the model's columns (``scorer.model_columns``).
     """
     if detectors is not None:
@@ -157,113 +196,52 @@ def plan(rd: RunDir, model: DensityModel, info: CheckpointInfo, jobs, *,
         if comp.info.sha256 in seen:
             raise UserError(f"--member {member} repeats a model already in the ensemble")
         seen.add(comp.info.sha256)
+        comp.totals = _member_totals(comp, i, device)
         companions.append(comp)
     features = [f.column for f in FEATURES.values() if f.detector in wanted and f.available()]
     dims = latent_level_dims(model, terms, device)
+    p = DetectorPlan([], companions, features, dims, held_out)
     # The metadata the finished table will carry, as far as the detectors read it.
     future = ScoresMeta(
         version="", schema_version="", model=info.model, in_dataset=info.dataset,
         terms=terms, run_config=info.run_config, checkpoint_sha256=info.sha256,
         dequant_seed=0, extra={} if dims is None else {LEVEL_DIMS_KEY: json.dumps(dims)},
-        extra_columns=list(extra_columns))
-    columns = [*FIXED_COLUMNS, *terms, *totals_for(terms), *extra_columns,
-               *[c.column for c in companions], *features]
+        extra_columns=[*extra_columns, *p.columns])
+    columns = [*FIXED_COLUMNS, *terms, *totals_for(terms), *extra_columns, *p.columns]
     table = prospective_table(columns, jobs)
-    chosen = []
     for name, det in DETECTORS.items():
         if name not in wanted:
             continue
         why = det.missing(table, future)
         if why is None:
-            chosen.append(name)
+            p.detectors.append(name)
         elif detectors is not None:
             raise UserError(why)
-    return DetectorPlan(chosen, companions, features, dims, held_out)
+    return p
 
 
-def _companion_log_px(comp: Companion, jobs, *, batch_size: int, device: torch.device,
-                      seed: int, progress) -> dict[tuple, np.ndarray]:
-    from .scorer import score_images
+def batch_columns(p: DetectorPlan, cols: dict[str, np.ndarray], x: torch.Tensor,
+                  images: torch.Tensor) -> None:
+    """Add the plan's columns for one batch to ``cols`` (which holds the run's ``log_px``).
 
-    out = {}
-    for job in jobs:
-        shown = dataclasses.replace(job, images=dataclasses.replace(
-            job.images, name=f"{job.images.name} [{comp.label}]"))
-        progress.set_start(shown, len(job.images))
-        parts = []
-        t0 = time.perf_counter()
-        for cols in score_images(comp.model, job, batch_size, device, seed):
-            parts.append(cols["log_px"])
-            n = len(cols["log_px"])
-            progress.advance(n, n / max(time.perf_counter() - t0, 1e-9))
-            t0 = time.perf_counter()
-        out[_job_key(job)] = np.concatenate(parts)
-    return out
-
-
-def _job_key(job) -> tuple:
-    return (job.images.name, job.images.split, job.transform)
-
-
-def _rows_of(df: pd.DataFrame, job) -> np.ndarray:
-    """Row positions of ``job``'s images in ``df``, in image order."""
-    mask = ((df["dataset"] == job.images.name) & (df["split"] == job.images.split)
-            & (df["transform"] == job.transform) & (df["role"] == job.role)).to_numpy()
-    pos = np.flatnonzero(mask)
-    order = np.argsort(df["index"].to_numpy()[pos], kind="stable")
-    pos = pos[order]
-    if len(pos) != len(job.images):
-        raise RuntimeError(f"{job.images.name}: {len(pos)} rows for {len(job.images)} images")
-    return pos
-
-
-def add_detectors(path: Path, p: DetectorPlan, jobs, *, batch_size: int, device: torch.device,
-                  seed: int, progress=None) -> list[str]:
-    """Add companion, feature and ``score_<name>`` columns to the scores at ``path``
-    (rewritten atomically); returns the detectors written."""
-    from .scorer import ScoreProgress
-
-    progress = progress or ScoreProgress()
-    df, meta = read_scores(path)
-    new_columns: dict[str, np.ndarray] = {}
+    ``x``: the dequantized batch the run's model scored; ``images``: its uint8 pixels
+    ``[B, C, H, W]`` (for the data features).
+    """
     for comp in p.companions:
-        values = _companion_log_px(comp, jobs, batch_size=batch_size, device=device, seed=seed,
-                                   progress=progress)
-        col = np.full(len(df), np.nan)
-        for job in jobs:
-            col[_rows_of(df, job)] = values[_job_key(job)]
-        new_columns[comp.column] = col
+        cols.update(comp.score(x))
+    if p.members:
+        stacked = np.stack([cols["log_px"], *(cols[c.column] for c in p.members)])
+        cols[ENSEMBLE_COLUMN] = log_mean_exp(stacked)
     for name in p.features:
-        col = np.full(len(df), np.nan)
-        for job in jobs:
-            col[_rows_of(df, job)] = compute_feature(name, job.images.images)
-        new_columns[name] = col
-    for name, values in new_columns.items():
-        df[name] = values
-    extra = dict(meta.extra)
-    extra[DETECTORS_KEY] = json.dumps(p.detectors)
+        cols[name] = compute_feature(name, images)
+
+
+def plan_metadata(p: DetectorPlan, jobs) -> dict[str, str]:
+    """ScoresMeta.extra entries saying what the detectors are and where their inputs came
+    from: all known before scoring (the typicality entropy estimate is a read-time value)."""
+    out: dict[str, str] = {DETECTORS_KEY: json.dumps(p.detectors)}
     if p.level_dims is not None:
-        extra[LEVEL_DIMS_KEY] = json.dumps(p.level_dims)
-    extra.update(_provenance(p, jobs, df))
-    meta = dataclasses.replace(meta, extra=extra,
-                               extra_columns=[*meta.extra_columns, *new_columns])
-    scores = {}
-    for name in p.detectors:
-        if name != "likelihood":
-            scores[f"{SCORE_PREFIX}{name}"] = compute_detector(name, df, meta).to_numpy(float)
-    for name, values in scores.items():
-        df[name] = values
-    groups = list(totals_for(meta.terms))
-    schema = arrow_schema(meta.terms, [*groups, *meta.extra_columns], list(scores), meta)
-    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return p.detectors
-
-
-def _provenance(p: DetectorPlan, jobs, df: pd.DataFrame) -> dict[str, str]:
-    """Metadata saying where the detectors' inputs came from."""
-    out: dict[str, str] = {}
+        out[LEVEL_DIMS_KEY] = json.dumps(p.level_dims)
     for comp in p.companions:
         train = (comp.info.run_config.get("train") or {})
         entry = {"path": str(comp.info.path), "sha256": comp.info.sha256,
@@ -273,6 +251,8 @@ def _provenance(p: DetectorPlan, jobs, df: pd.DataFrame) -> dict[str, str]:
             out["background"] = json.dumps(entry)
         else:
             out[f"member{comp.column[len(MEMBER_PREFIX):]}"] = json.dumps(entry)
+    if p.members:
+        out["ensemble_size"] = str(len(p.members) + 1)
     train_jobs = [j for j in jobs if j.role == "in" and j.images.split == "train"]
     if train_jobs:
         j = train_jobs[0]
@@ -280,7 +260,4 @@ def _provenance(p: DetectorPlan, jobs, df: pd.DataFrame) -> dict[str, str]:
         kind = ("held out: train images the model never saw" if p.held_out
                 else "training images (the first ones of the train split)")
         out["train_rows"] = f"{j.images.name} train images {first}..{last}, {kind}"
-        rows = typicality.entropy_rows(df)
-        if len(rows) >= 2:
-            out["typicality_entropy_nats"] = f"{typicality.entropy_estimate(rows):.6g}"
     return out

@@ -7,8 +7,11 @@ extras; a background model's and ensemble members' ``log_px``; data features suc
 ``png_bits``), then detector scores (``score_<detector>``). The names of the model's terms are stored in the schema
 metadata (``ood_audit.terms``) so readers never guess which columns add up.
 
-``scores.parquet`` may also be a folder ``scores/`` of ``part-<rank>.parquet`` files
-(sharded scoring); :func:`read_scores` reads either as one table.
+``score`` writes the table as a folder ``RUN/scores/`` of ``part-<rank>.parquet`` files,
+one per process (``part-0.parquet`` alone without torchrun); older runs hold a single
+``scores.parquet`` file. :func:`read_scores` reads either as one table, with its rows in
+one deterministic order (sets as scored, then image index), so a table scored by W
+processes equals the one scored by one, row for row.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +54,13 @@ META_PREFIX = "ood_audit."
 BACKGROUND_COLUMN = "log_px_background"
 #: log p(x) of ensemble member i >= 1 (``score --member RUN``; member 0 is ``log_px``).
 MEMBER_PREFIX = "log_px_member"
+#: and its group totals, ``log_pz_member{i}``, ``logdet_member{i}`` (when it has levels);
+MEMBER_TOTAL_PREFIXES = {"log_pz": "log_pz_member", "logdet": "logdet_member"}
+#: log p(x) of the ensemble: log mean_j p_j(x) over the M members, float64 (member 0 = the run).
+ENSEMBLE_COLUMN = "log_px_ensemble"
+#: ScoresMeta.extra key: JSON list of [dataset, role, split, transform], the sets in the
+#: order they were scored (the readers' row order).
+SETS_KEY = "sets"
 # Data features (no model) have one column per entry of ood_audit.scoring.features.FEATURES.
 
 
@@ -136,11 +147,17 @@ def totals_for(terms: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def part_name(rank: int) -> str:
+    """File name of process ``rank``'s share of the scores folder."""
+    return f"part-{rank}.parquet"
+
+
 def scores_files(path: Path) -> list[Path]:
     """The Parquet file(s) behind a scores table: the file, or a folder's part-*.parquet."""
     path = Path(path)
     if path.is_dir():
-        parts = sorted(path.glob("part-*.parquet"))
+        parts = sorted(path.glob("part-*.parquet"),
+                       key=lambda p: (len(p.name), p.name))  # part-2 before part-10
         if not parts:
             raise UserError(f"{path} holds no part-*.parquet files: run ood-audit score")
         return parts
@@ -167,12 +184,40 @@ def read_scores(path: Path) -> tuple[pd.DataFrame, ScoresMeta]:
         frames.append(table.to_pandas())
     assert meta is not None
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df = canonical_order(df, meta)
     missing = [c for c in [*FIXED_COLUMNS, *meta.terms] if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rescore with ood-audit score")
     if df.empty:
         raise UserError(f"{path} holds no rows; rescore with ood-audit score")
     return df, meta
+
+
+def canonical_order(df: pd.DataFrame, meta: ScoresMeta) -> pd.DataFrame:
+    """Rows sorted by (set in scoring order, image index), index reset.
+
+    The set order is the metadata's ``sets`` list; tables written before it existed keep
+    their sets in order of first appearance. The sort is stable and a no-op on a table
+    already in that order (a single-process one).
+    """
+    if df.empty or "index" not in df.columns:
+        return df
+    keys = ["dataset", "role", "split", "transform"]
+    order: list[tuple] = []
+    try:
+        order = [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))]
+    except (ValueError, TypeError):
+        order = []
+    # group ids in order of first appearance; only the few group keys become tuples
+    grouped = df.groupby(keys, sort=False, observed=True)
+    ids = grouped.ngroup().to_numpy()
+    present = [tuple(str(v) for v in k) for k in grouped.size().index]
+    seen = list(dict.fromkeys([*order, *present]))  # unknown sets after known ones
+    rank = np.array([seen.index(k) for k in present], dtype=np.int64)[ids]
+    perm = np.lexsort((df["index"].to_numpy(), rank))
+    if (perm == np.arange(len(perm))).all():
+        return df.reset_index(drop=True)
+    return df.iloc[perm].reset_index(drop=True)
 
 
 def _first_line(exc: BaseException) -> str:

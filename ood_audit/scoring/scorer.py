@@ -16,15 +16,20 @@ to their uint8 pixels; these rows keep their role and carry the transform's tag 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -32,13 +37,14 @@ import torch
 from .. import __version__
 from ..data import ImageSet, adapt_to_shape, bits_per_dim, dequantize, load_dataset
 from ..data.transforms import describe, parse_transforms
+from ..distributed import DistContext
 from ..errors import UserError
 from ..models.base import DensityModel, sum_terms
-from ..runs import RunDir, atomic_path
+from ..runs import RunDir, ensure_dir, replace_dir
 from ..training.checkpoint import CheckpointInfo, load_checkpoint
 from ..training.trainer import pick_device, seeded
 from .pixel_maps import save_pixel_maps
-from .schema import SCHEMA_VERSION, ScoresMeta, arrow_schema, totals_for
+from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
 
 NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent of batching
 ROW_GROUP = 16384  # rows buffered before a Parquet row group is written
@@ -81,24 +87,53 @@ class ScoreProgress:
         """``n_images`` more images of the current set are scored."""
 
 
-def dequantized_chunks(images: torch.Tensor, seed: int, key: int) -> Iterator[torch.Tensor]:
-    """Yield float chunks of ``images`` dequantized with per-chunk seeded noise."""
-    for c, start in enumerate(range(0, len(images), NOISE_CHUNK)):
-        yield dequantize(images[start:start + NOISE_CHUNK], seeded(seed, key, c))
+@dataclass(frozen=True)
+class Shard:
+    """The noise chunks of every set one process scores: chunks rank, rank + world, ...
+
+    Sharding on chunk boundaries keeps every image's noise (seeded by set and chunk)
+    and hence every number independent of the number of processes.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def chunks(self, n_images: int) -> list[tuple[int, int]]:
+        """``(chunk number, first image)`` of this shard's chunks of an ``n_images`` set."""
+        return [(c, start) for c, start in enumerate(range(0, n_images, NOISE_CHUNK))
+                if c % self.world == self.rank]
+
+    def size(self, n_images: int) -> int:
+        return sum(min(NOISE_CHUNK, n_images - start) for _, start in self.chunks(n_images))
+
+
+def dequantized_chunks(images: torch.Tensor, seed: int, key: int,
+                       shard: Shard = Shard()) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first image, float chunk)`` of this shard's chunks of ``images``,
+    dequantized with per-chunk seeded noise."""
+    for c, start in shard.chunks(len(images)):
+        yield start, dequantize(images[start:start + NOISE_CHUNK], seeded(seed, key, c))
 
 
 @torch.inference_mode()
 def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: torch.device,
-                 seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images."""
+                 seed: int, *, shard: Shard = Shard(), plan=None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images.
+
+    ``plan`` (a :class:`~ood_audit.scoring.detect.DetectorPlan`): also score its
+    companion models on the same x and add its data features, batch by batch.
+    """
+    from .detect import batch_columns
+
     n_dims = math.prod(job.images.shape)
-    offset = 0
-    # Models that sample while scoring (a VAE's IWAE bound) draw from the global RNG:
-    # seed it per set so a rerun gives the same numbers.
-    torch.manual_seed(seeded(seed, job.key).initial_seed())
-    for chunk in dequantized_chunks(job.images.images, seed, job.key):
-        for start in range(0, len(chunk), batch_size):
-            x = chunk[start:start + batch_size].to(device, non_blocking=True)
+    for c, start in shard.chunks(len(job.images)):
+        # Models that sample while scoring (a VAE's IWAE bound) draw from the global RNG:
+        # seed it per chunk (apart from the noise's stream) so a rerun, or a run with
+        # another number of processes, gives the same numbers.
+        torch.manual_seed(seeded(seed, job.key, c, 1).initial_seed())
+        chunk = dequantize(job.images.images[start:start + NOISE_CHUNK], seeded(seed, job.key, c))
+        for b in range(0, len(chunk), batch_size):
+            x = chunk[b:b + batch_size].to(device, non_blocking=True)
             # Sum in float64 so the written terms add up to the written log_px exactly.
             raw_terms, extras = model.score_columns(x)
             terms = {k: v.double() for k, v in raw_terms.items()}
@@ -109,11 +144,12 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
             }
             for name, value in {**terms, **extras}.items():
                 cols[name] = value.double().cpu().numpy()
-            idx = np.arange(offset + start, offset + start + len(x), dtype=np.int64)
+            idx = np.arange(start + b, start + b + len(x), dtype=np.int64)
             cols["index"] = idx + job.first_index
             cols["label"] = job.images.labels[idx].numpy()
+            if plan is not None:
+                batch_columns(plan, cols, x, job.images.images[start + b:start + b + len(x)])
             yield cols
-        offset += len(chunk)
 
 
 class ScoresWriter:
@@ -219,37 +255,46 @@ def held_out_job(info: CheckpointInfo, train_limit: int | None, *, root: Path | 
 
 def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], out: Path, *,
                batch_size: int, device: torch.device, seed: int,
-               progress: ScoreProgress | None = None) -> list[SetSummary]:
-    """Score every job into ``out`` (written atomically) and return per-set summaries."""
-    import time
+               progress: ScoreProgress | None = None, plan=None,
+               ctx: DistContext | None = None) -> list[SetSummary]:
+    """Score every job into the folder ``out`` (``part-<rank>.parquet``, one per process,
+    published atomically once every process is done) and return per-set summaries (on
+    the main process; [] on the others).
 
+    ``plan``: the detectors' companion models and features, scored in the same batches.
+    ``ctx``: this process's place in a torchrun group (None: a single process).
+    """
+    from .detect import plan_metadata
+
+    ctx = ctx or DistContext(device=device)
     progress = progress or ScoreProgress()
+    shard = Shard(ctx.rank, ctx.world)
     terms, extras = model_columns(model, device)
     groups = totals_for(terms)
+    plan_columns = [] if plan is None else plan.columns
     meta = ScoresMeta(
         version=__version__, schema_version=SCHEMA_VERSION, model=info.model,
         in_dataset=info.dataset, terms=terms, run_config=info.run_config,
         checkpoint_sha256=info.sha256, dequant_seed=seed,
         adaptations={j.images.name: j.images.adaptation for j in jobs if j.images.adaptation},
-        extra={"epoch": str(info.epoch), "device": str(device),
+        extra={"epoch": str(info.epoch), "device": str(device), "processes": str(ctx.world),
+               SETS_KEY: json.dumps([_set_key(j) for j in jobs]),
                **{f"model.{k}": v for k, v in model.extra_metadata().items()},
-               **_transforms_meta(jobs)},
-        extra_columns=extras,
+               **_transforms_meta(jobs),
+               **({} if plan is None else plan_metadata(plan, jobs))},
+        extra_columns=[*extras, *plan_columns],
     )
-    schema = arrow_schema(terms, [*groups, *extras], [], meta)
-    summaries = []
+    schema = arrow_schema(terms, [*groups, *extras, *plan_columns], [], meta)
     model.eval()
-    with atomic_path(out) as tmp:
-        writer = ScoresWriter(tmp, schema)
+    with scores_folder(out, ctx) as tmp:
+        writer = ScoresWriter(tmp / part_name(ctx.rank), schema)
         try:
             for job in jobs:
-                n = len(job.images)
                 n_dims = math.prod(job.images.shape)
-                progress.set_start(job, n)
-                sums: dict[str, float] = {}
-                log_px_parts = []
+                progress.set_start(job, shard.size(len(job.images)))
                 t0 = time.perf_counter()
-                for cols in score_images(model, job, batch_size, device, seed):
+                for cols in score_images(model, job, batch_size, device, seed, shard=shard,
+                                         plan=plan):
                     for total, members in groups.items():
                         cols[total] = np.sum([cols[m] for m in members], axis=0)
                     b = len(cols["log_px"])
@@ -257,20 +302,67 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
                                 split=[job.images.split] * b, transform=[job.transform] * b,
                                 n_dims=np.full(b, n_dims, dtype=np.int64))
                     writer.write(cols)
-                    # Means shown on screen: a flow's group totals, else the model's terms.
-                    for k in ("bpd", "log_px", *(groups or terms)):
-                        sums[k] = sums.get(k, 0.0) + float(np.sum(cols[k]))
-                    log_px_parts.append(cols["log_px"])
                     progress.advance(b, b / max(time.perf_counter() - t0, 1e-9))
                     t0 = time.perf_counter()
-                summaries.append(SetSummary(
-                    dataset=job.images.name, role=job.role, split=job.images.split,
-                    transform=job.transform, n=n, means={k: v / n for k, v in sums.items()},
-                    log_px=np.concatenate(log_px_parts),
-                ))
         finally:
             writer.close()
-    return summaries
+    # Means shown on screen: a flow's group totals, else the model's terms.
+    return summarize(out, ["bpd", "log_px", *(groups or terms)]) if ctx.is_main else []
+
+
+def _set_key(job: ScoreJob) -> list[str]:
+    return [job.images.name, job.role, job.images.split, job.transform]
+
+
+@contextlib.contextmanager
+def scores_folder(out: Path, ctx: DistContext) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``out`` shared by every process; once all
+    of them have written their part, the main process renames it over ``out``.
+
+    A failure leaves ``out`` as it was (the temporary folder is removed by the main
+    process when it fails, or by the next successful run).
+    """
+    out = Path(out)
+    name = ctx.broadcast_object(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}" if ctx.is_main else None)
+    tmp = out.parent / name
+    if ctx.is_main:
+        ensure_dir(out.parent)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    ctx.barrier()  # the folder exists before anyone writes into it
+    try:
+        yield tmp
+        ctx.barrier()  # every part is closed
+        if ctx.is_main:
+            replace_dir(tmp, out)
+        ctx.barrier()  # the table is in place before anyone reads it
+    finally:
+        if ctx.is_main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarize(path: Path, keys: list[str]) -> list[SetSummary]:
+    """Per-set means of ``keys`` and the log_px of each set, read from the finished table
+    (only the columns needed), sets in scoring order."""
+    from .schema import canonical_order, scores_files
+
+    columns = ["dataset", "role", "split", "transform", "index", "n_dims", *keys]
+    frames, meta = [], None
+    for part in scores_files(path):
+        # dictionary-encoded strings: categoricals, not one Python str per row
+        table = pq.read_table(part, columns=list(dict.fromkeys(columns)),
+                              read_dictionary=["dataset", "role", "split", "transform"])
+        meta = meta or ScoresMeta.from_arrow(table.schema.metadata, part)
+        frames.append(table.to_pandas())
+    df = canonical_order(pd.concat(frames, ignore_index=True), meta)
+    out = []
+    for (dataset, role, split, transform), rows in df.groupby(
+            ["dataset", "role", "split", "transform"], sort=False, observed=True):
+        out.append(SetSummary(
+            dataset=dataset, role=role, split=split, transform=transform, n=len(rows),
+            means={k: float(rows[k].mean()) for k in keys}, log_px=rows["log_px"].to_numpy()))
+    return out
 
 
 def _transforms_meta(jobs: list[ScoreJob]) -> dict[str, str]:
@@ -290,19 +382,29 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
     """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries.
 
     ``options`` are the model's scoring options (``{"iw_samples": 64}`` for a VAE).
-    ``detectors``: the detectors to add as ``score_<name>`` columns (None: every one
-    whose inputs can be had); ``members``: other runs forming an ensemble with this one
-    (WAIC); ``held_out``: train rows from after the model's training ``--limit``. See
+    ``detectors``: the detectors whose inputs to write and whose ``score_<name>`` columns
+    readers add (None: every one whose inputs can be had); ``members``: other runs forming
+    an ensemble with this one (WAIC, ensemble; an ensemble folder's members come first);
+    ``held_out``: train rows from after the model's training ``--limit``. See
     :mod:`ood_audit.scoring.detect`. ``transforms``: tags (``grayscale``,
     ``contrast=0.5``, ``invert``) each scoring a transformed copy of the in-distribution
     test set and every OOD set (:func:`build_jobs`).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process scores its share of each set
+    (:class:`Shard`) into ``scores/part-<rank>.parquet``; only the main process reports
+    progress and returns summaries (the others return []).
     """
-    from .detect import add_detectors, plan
+    from ..distributed import dist_env, init_distributed
+    from .detect import plan
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     parse_transforms(list(transforms))  # a bad --transform fails before the model loads
-    dev = pick_device(device)
+    # under torchrun the rank picks its GPU (cuda:LOCAL_RANK); alone, --device is checked as usual
+    ctx = init_distributed(device if dist_env()[1] > 1 else pick_device(device))
+    dev = ctx.device
+    if not ctx.is_main:
+        notify, progress = (lambda m: None), None
     model, info = load_checkpoint(rd.model, dev)
     for name, value in (options or {}).items():
         model.set_score_option(name, value)
@@ -310,11 +412,13 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
                       train_limit=train_limit, seed=seed, notify=notify, held_out=held_out,
                       transforms=transforms)
     terms, extras = model_columns(model, dev)
-    chosen = plan(rd, model, info, jobs, detectors=detectors, members=list(members),
+    all_members = [*rd.ensemble_members()[1:], *members]
+    chosen = plan(rd, model, info, jobs, detectors=detectors, members=all_members,
                   terms=terms, extra_columns=extras, device=dev, held_out=held_out)
     summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
-                           seed=seed, progress=progress)
-    add_detectors(rd.scores, chosen, jobs, batch_size=batch_size, device=dev, seed=seed,
-                  progress=progress)
-    save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
+                           seed=seed, progress=progress, plan=chosen, ctx=ctx)
+    if ctx.is_main:
+        with contextlib.suppress(FileNotFoundError):
+            rd.legacy_scores.unlink()  # superseded by scores/; readers would prefer it anyway
+        save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
     return summaries

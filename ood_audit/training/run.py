@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from ..config import RunConfig, from_dict, load_yaml
 from ..data import DATASETS, load_dataset
+from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
 from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
@@ -26,6 +28,7 @@ class TrainOutcome:
     notes: list[str]
     n_params: int
     device: str
+    world_size: int = 1  # processes (torchrun ranks) that trained it; batch size is global
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -51,13 +54,44 @@ def train_run(
     log: Callable[[str], None] = print,
     progress: TrainProgress | None = None,
     point_latest: bool = True,
+    dist: DistContext | None = None,
 ) -> TrainOutcome:
     """Train ``config`` into run directory ``out`` (new), or continue it with ``resume``.
 
     A resumed run keeps its stored config; only ``resume_epochs`` (train longer) applies.
     ``point_latest=False`` leaves ``runs/latest`` alone (a background model is not a run
     that score/report should default to).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls this with the same arguments:
+    it joins the process group (or uses ``dist``, left open for the caller), rank 0 takes
+    the run lock, checks and writes, the others train their slice of each global batch.
     """
+    own = dist is None and dist_env()[1] > 1
+    if own:
+        dist = init_distributed(_device_name(config, out, resume))
+    try:
+        return _train_run(config, out, resume=resume, resume_epochs=resume_epochs,
+                          data_root=data_root, download=download, runs_root=runs_root, log=log,
+                          progress=progress, point_latest=point_latest,
+                          dist=dist if dist is not None and dist.distributed else None)
+    finally:
+        if own:
+            dist.close()
+
+
+def _device_name(config: RunConfig | None, out: Path | None, resume: bool) -> str:
+    """The device a resumed run trained on (its config.yaml), else the given config's."""
+    if resume and out is not None and RunDir(out).config.exists():
+        try:
+            return load_run_config(RunDir(out).config).train.device
+        except UserError:
+            pass  # rank 0 says what is wrong with it
+    return config.train.device if config is not None else "auto"
+
+
+def _prepare(config: RunConfig | None, out: Path | None, resume: bool, resume_epochs: int | None,
+             runs_root: Path, world: int, stack: contextlib.ExitStack) -> tuple[Path, RunConfig, bool]:
+    """Rank 0's checks, then the run lock (held by ``stack``): (run dir, config, fresh)."""
     if resume:
         if out is None:
             raise UserError("--resume needs --out DIR: the run directory to continue")
@@ -78,15 +112,43 @@ def train_run(
     if config.data not in DATASETS and not Path(config.data).exists():
         raise UserError(f"unknown data set {config.data!r}; choose one of: "
                         f"{', '.join(DATASETS)} or give a path to a .npy/.npz file or image folder")
-    device = pick_device(config.train.device)
-    with run_lock(rd, "ood-audit train"):
-        # Checked again under the lock: another train may have finished in between.
-        if resume:
-            _check_resumable(rd)
-        else:
-            _check_new(rd)
-        remove_stale_temporaries(rd)
-        fresh = not resume or not rd.train_state.exists()
+    if config.train.batch_size % world:
+        raise UserError(f"--batch-size {config.train.batch_size} is the global batch and must be "
+                        f"divisible by the {world} ranks; pick a multiple of {world}")
+    if world == 1:
+        pick_device(config.train.device)  # under torchrun, init_distributed checked it
+    stack.enter_context(run_lock(rd, "ood-audit train"))
+    # Checked again under the lock: another train may have finished in between.
+    if resume:
+        _check_resumable(rd)
+    else:
+        _check_new(rd)
+    remove_stale_temporaries(rd)
+    return rd.root, config, not resume or not rd.train_state.exists()
+
+
+def _train_run(config, out, *, resume, resume_epochs, data_root, download, runs_root, log,
+               progress, point_latest, dist: DistContext | None) -> TrainOutcome:
+    main = dist is None or dist.is_main
+    world = dist.world if dist is not None else 1
+    if not main:
+        log = _quiet
+    with contextlib.ExitStack() as stack:
+        setup: object = None
+        try:
+            if main:
+                setup = _prepare(config, out, resume, resume_epochs, runs_root, world, stack)
+        except UserError as exc:
+            if dist is None:
+                raise
+            setup = exc
+        if dist is not None:  # every rank fails, or goes on, with rank 0's verdict
+            setup = dist.broadcast_object(setup)
+        if isinstance(setup, UserError):
+            raise setup
+        root, config, fresh = setup
+        rd = RunDir(root)
+        device = dist.device if dist is not None else pick_device(config.train.device)
         train_set = load_dataset(config.data, "train", root=data_root, download=download,
                                  limit=config.train.limit)
         test_set = load_dataset(config.data, "test", root=data_root, download=download,
@@ -96,25 +158,34 @@ def train_run(
         )
         for n in notes:
             log(n)
+        if world > 1:
+            log(f"effective batch {config.train.batch_size} = {world} ranks x "
+                f"{config.train.batch_size // world} (DistributedDataParallel, {dist.backend})")
         torch.manual_seed(config.train.seed)  # weight init: same seed, same model
         model = build_model(config.model, model_config, train_set.shape).to(device)
         trainer = Trainer(model, config.model, model_config, config, rd, train_set, test_set,
-                          device, progress=progress)
+                          device, progress=progress, dist=dist)
         if not fresh:
-            trainer.load_state()
+            trainer.load_state()  # every rank reads it: --out must be on a shared file system
             log(f"resuming {rd.root} at epoch {trainer.state.epoch + 1}, "
                 f"batch {trainer.state.batch + 1}")
         else:
             if resume:  # stopped before its first checkpoint: the same run from the start
                 log(f"{rd.root} stopped before its first epoch ended: training it from the "
                     "start with its config.yaml")
-            atomic_write_text(rd.config, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            if main:
+                atomic_write_text(rd.config, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            # Every rank inits on the same seeded batch; DDP then broadcasts rank 0's result.
             trainer.data_init()
-        if point_latest:
+        if point_latest and main:
             set_latest(rd.root, runs_root)
         results = trainer.fit()
     n_params = sum(p.numel() for p in model.parameters())
-    return TrainOutcome(rd.root, config, results, notes, n_params, str(device))
+    return TrainOutcome(rd.root, config, results, notes, n_params, str(device), world)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 def _check_new(rd: RunDir) -> None:

@@ -6,6 +6,10 @@ come from generators seeded by (seed, e) and (seed, e, b), not from a global RNG
 run resumed at (e, b) replays exactly the batches an uninterrupted run would have seen.
 A background model (``perturb_mu > 0``) draws its pixel perturbations the same way,
 from (seed, e, b, PERTURB_KEY).
+
+Under ``torchrun`` (a :class:`~ood_audit.distributed.DistContext` with ``world > 1``) the
+global batch stays the one above and each rank trains on its contiguous slice of it with
+DistributedDataParallel (see :mod:`.ddp`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import torch
 
 from ..config import RunConfig, keep_every
 from ..data import ImageSet, bits_per_dim, dequantize
+from ..distributed import DistContext
 from ..errors import UserError
 from ..models.base import DensityModel
 from ..runs import RunDir, atomic_path
 from .checkpoint import link_or_copy, save_checkpoint
+from .ddp import rank_slice, step_stats, wrap_ddp
 
 #: Extra seed part of the pixel-perturbation stream (kept apart from the dequantization noise).
 PERTURB_KEY = 7_919
+#: Extra seed part of a rank's global RNG under DDP, reseeded each step (VAE sampling, dropout).
+RANK_RNG_KEY = 104_729
 
 
 def perturb_pixels(images: torch.Tensor, mu: float, generator: torch.Generator) -> torch.Tensor:
@@ -136,15 +144,24 @@ class StopFlag:
 
 @torch.no_grad()
 def evaluate_bpd(model: DensityModel, images: torch.Tensor, batch_size: int,
-                 device: torch.device, seed: int) -> float:
-    """Mean bits/dim of ``images`` (uint8) with fixed dequantization noise."""
+                 device: torch.device, seed: int, dist: DistContext | None = None) -> float:
+    """Mean bits/dim of ``images`` (uint8) with fixed dequantization noise.
+
+    Under DDP rank r scores batches r, r + world, ... (same batches, same noise as one
+    process) and the sums are all-reduced, so every rank gets the same number."""
     model.eval()
     n_dims = math.prod(images.shape[1:])
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     total, count = 0.0, 0
     for b, start in enumerate(range(0, len(images), batch_size)):
+        if b % world != rank:
+            continue
         x = dequantize(images[start:start + batch_size], seeded(seed, 10**6, b)).to(device)
         total += float(bits_per_dim(model.log_prob(x), n_dims).double().sum())
         count += len(x)
+    if world > 1:
+        sums = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=dist.device))
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -153,11 +170,18 @@ class Trainer:
 
     def __init__(self, model: DensityModel, model_name: str, model_config, run: RunConfig,
                  rd: RunDir, train_set: ImageSet, test_set: ImageSet, device: torch.device,
-                 progress: TrainProgress | None = None):
+                 progress: TrainProgress | None = None, dist: DistContext | None = None):
         self.model, self.model_name, self.model_config = model, model_name, model_config
         self.run, self.cfg, self.rd = run, run.train, rd
         self.train_set, self.test_set, self.device = train_set, test_set, device
-        self.progress = progress or TrainProgress()
+        self.dist = dist or DistContext(device=device)
+        if self.cfg.batch_size % self.dist.world:
+            raise UserError(f"--batch-size {self.cfg.batch_size} is the global batch and must be "
+                            f"divisible by the {self.dist.world} ranks (torchrun --nproc_per_node "
+                            "x nodes); pick a multiple")
+        # Other ranks stay quiet: rank 0 shows progress and writes every file.
+        self.progress = (progress if self.dist.is_main else None) or TrainProgress()
+        self._ddp: torch.nn.Module | None = None  # built in fit(), after init or resume
         self.n_dims = math.prod(train_set.shape)
         self.optimizer = torch.optim.Adam(
             model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
@@ -174,8 +198,11 @@ class Trainer:
 
         With the (seed, epoch, batch)-seeded data order and noise, this is all a resume
         needs to continue the same trajectory; the global RNG matters to models that
-        sample in their loss (the VAE's reparameterisation, PixelCNN++'s dropout).
+        sample in their loss (the VAE's reparameterisation, PixelCNN++'s dropout). Only
+        rank 0 writes; under DDP each rank reseeds its RNG per step, so no rank's is needed.
         """
+        if not self.dist.is_main:
+            return
         payload = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -226,9 +253,11 @@ class Trainer:
         self.model.data_init(x)
 
     def fit(self) -> list[EpochResult]:
-        cfg, st = self.cfg, self.state
+        cfg, st, d = self.cfg, self.state, self.dist
         n_batches = self.batches_per_epoch()
         results = []
+        if d.distributed and self._ddp is None:
+            self._ddp = wrap_ddp(self.model, d)
         with StopFlag() as stop:
             while st.epoch < cfg.epochs:
                 t0, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -241,33 +270,46 @@ class Trainer:
                     if cfg.perturb_mu > 0:  # a likelihood-ratio background model
                         images = perturb_pixels(images, cfg.perturb_mu,
                                                 seeded(cfg.seed, st.epoch, st.batch, PERTURB_KEY))
-                    x = dequantize(images, seeded(cfg.seed, st.epoch, st.batch)).to(self.device)
-                    ok, loss = self._step(x)
+                    x = dequantize(images, seeded(cfg.seed, st.epoch, st.batch))
+                    n_global = len(x)
+                    if d.distributed:  # this rank's slice of the same global batch and noise
+                        x = x[rank_slice(n_global, d.world, d.rank)]
+                        torch.manual_seed(seeded(cfg.seed, st.epoch, st.batch, RANK_RNG_KEY,
+                                                 d.rank).initial_seed())
+                    ok, loss, stopping = self._step(x.to(self.device), n_global,
+                                                     stop.signal is not None)
                     st.batch += 1
                     if ok:
                         st.bad_run = 0
                         st.step += 1
-                        seen += len(x)
-                        loss_sum += loss * len(x)
+                        seen += n_global
+                        loss_sum += loss * n_global
                     else:
                         st.bad_run += 1
                         st.nan_skips += 1
                         if st.bad_run >= cfg.max_bad_steps:
+                            d.barrier()  # no rank leaves first: torchrun would kill the rest
                             raise self._diverged(f"{st.bad_run} non-finite steps in a row")
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     self.progress.batch(st.batch, self._bpd(loss_sum / max(seen, 1)), rate)
-                    if stop.signal:
+                    # one process also stops for a signal that came during the step; ranks
+                    # of DDP only on the all-reduced flag, so they stop at the same step
+                    stopping = stopping or (not d.distributed and stop.signal is not None)
+                    if stopping:  # every rank agrees (all-reduced), so all stop at this step
                         self.save_state()
+                        d.barrier()  # the state is on disk before any rank exits
                         raise UserError(
-                            f"stopped by {stop.signal} at epoch {st.epoch + 1}, batch "
+                            f"stopped by {stop.signal or 'a signal to another rank'} at epoch "
+                            f"{st.epoch + 1}, batch "
                             f"{st.batch}/{n_batches}; state saved: continue with "
                             f"ood-audit train --resume --out {self.rd.root}"
                         )
                 seconds = time.perf_counter() - t0
                 if not self._weights_finite():  # never overwrite a good checkpoint with NaN
+                    d.barrier()  # weights are equal on all ranks, so all raise here
                     raise self._diverged("the weights hold NaN or inf")
                 test_bpd = evaluate_bpd(self.model, self.test_set.images, cfg.batch_size * 2,
-                                        self.device, cfg.seed)
+                                        self.device, cfg.seed, d)
                 result = EpochResult(
                     epoch=st.epoch + 1, step=st.step,
                     train_bpd=self._bpd(loss_sum / max(seen, 1)), test_bpd=test_bpd,
@@ -282,20 +324,35 @@ class Trainer:
                 results.append(result)
         return results
 
-    def _step(self, x: torch.Tensor) -> tuple[bool, float]:
-        """One optimizer step; returns (False, nan) and skips it when anything is non-finite."""
+    def _step(self, x: torch.Tensor, n_global: int, stop: bool) -> tuple[bool, float, bool]:
+        """One optimizer step on ``x`` (this rank's share of a global batch of ``n_global``).
+
+        Returns (ok, mean loss of the global batch, stop). A non-finite loss or gradient
+        skips the step (ok False); under DDP that decision and ``stop`` are all-reduced,
+        so every rank takes the same one.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model.training_loss(x).mean()
-        if not torch.isfinite(loss):
-            return False, float("nan")
+        if self._ddp is None:
+            loss = self.model.training_loss(x).mean()
+            mean, finite = float(loss.detach()), bool(torch.isfinite(loss))
+        else:
+            per = self._ddp(x)  # [B_rank]
+            # DDP averages gradients over ranks; weighting each rank's sum by world / n_global
+            # makes that average the gradient of the global batch mean, also for the unequal
+            # slices of a ragged last batch (weighted, not dropped: one process uses it too).
+            loss = per.sum() * (self.dist.world / n_global)
+            mean, _, finite, stop = step_stats(self.dist, per.detach().sum(), len(x), stop)
+        if not finite:
+            return False, float("nan"), stop
         loss.backward()
+        # gradients are equal on every rank after DDP's all-reduce, so is this decision
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return False, float("nan")
+            return False, float("nan"), stop
         self.optimizer.step()
         self.scheduler.step()
-        return True, float(loss.detach())
+        return True, mean, stop
 
     def _weights_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
@@ -316,7 +373,9 @@ class Trainer:
         return float(bits_per_dim(-nll_nats, self.n_dims)) if math.isfinite(nll_nats) else math.nan
 
     def _end_epoch(self, result: EpochResult) -> None:
-        """Checkpoint (epoch copy + model.safetensors), metrics table, train state."""
+        """Checkpoint (epoch copy + model.safetensors), metrics table, train state (rank 0)."""
+        if not self.dist.is_main:
+            return
         every = keep_every(self.cfg.keep_checkpoints)
         epoch_path = self.rd.epoch_checkpoint(result.epoch)
         save_checkpoint(

@@ -1,0 +1,229 @@
+"""The exact path's engineering (caches, GEMM convolutions) and each opt-in fast path
+against the plain computation, with stated tolerances, on a tiny Glow.
+
+Tolerances (log p(x) of a 1x8x8 image is a few hundred nats):
+- exact vs naive (library convs, no caches): 1e-5 relative (float32 rounding);
+- channels_last: 1e-5 relative; compile: 1e-5 relative;
+- bf16 coupling networks: 1e-2 bits/dim.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ood_audit.data import bits_per_dim
+from ood_audit.errors import UserError
+from ood_audit.models.fastpath import FastPath, tune_cpu_allocator
+from ood_audit.models.flows.layers import ActNorm, InvConv1x1, conv1x1_gemm, conv3x3_taps
+from ood_audit.models.glow import Glow, GlowConfig
+from ood_audit.scoring.loader import dequantized_batches
+from ood_audit.scoring.scorer import NOISE_CHUNK, Shard, dequantized_chunks
+
+SHAPE = (1, 8, 8)
+D = math.prod(SHAPE)
+
+
+def _glow(coupling: str = "affine", seed: int = 0) -> Glow:
+    """A float32 tiny Glow with every parameter moved off its init (zero-init convs would
+    make couplings and priors trivial)."""
+    torch.manual_seed(seed)
+    model = Glow(GlowConfig(levels=2, steps=2, hidden=16, coupling=coupling), SHAPE)
+    model.data_init(torch.rand(16, *SHAPE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _log_px(model: Glow, x: torch.Tensor, **fast: bool) -> torch.Tensor:
+    for name, value in fast.items():
+        model.set_fast_path(name, value)
+    with torch.inference_mode():
+        return model.log_prob(x).clone()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_exact_path_equals_naive_path(coupling, x):
+    """Caches and GEMM convs compute the same function as library convs, uncached."""
+    model = _glow(coupling)
+    naive = _log_px(model, x, naive=True)
+    exact = _log_px(model, x, naive=False)
+    torch.testing.assert_close(exact, naive, rtol=1e-5, atol=0)
+    assert _log_px(model, x).equal(exact)  # second batch, from the caches: same numbers
+
+
+def test_gemm_convolutions_match_conv2d():
+    """Independent check of the two GEMM forms against F.conv2d, in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, 6, generator=g, dtype=torch.float64)
+    conv1 = torch.nn.Conv2d(7, 9, 1).double()
+    conv3 = torch.nn.Conv2d(7, 4, 3, padding=1).double()
+    with torch.no_grad():  # the GEMM forms serve scoring (autograd off) only
+        torch.testing.assert_close(conv1x1_gemm(x, conv1),
+                                   F.conv2d(x, conv1.weight, conv1.bias), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv3x3_taps(x, conv3),
+                                   F.conv2d(x, conv3.weight, conv3.bias, padding=1),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def _cached_kernel(layer: InvConv1x1) -> torch.Tensor:
+    return next(v for k, v in layer._cache.values() if v.dim() == 4)
+
+
+def test_invconv_cache_equals_rebuilt_weight_and_is_invalidated_by_a_step(x):
+    model = _glow()
+    layer = next(m for m in model.modules() if isinstance(m, InvConv1x1))
+    _log_px(model, x)
+    c = layer.log_s.shape[0]
+    before = _cached_kernel(layer)
+    torch.testing.assert_close(before, layer.weight().detach().view(c, c, 1, 1), rtol=0, atol=0)
+
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.training_loss(x).mean().backward()
+    opt.step()
+    model.eval()
+    after_step = _log_px(model, x)
+    after = _cached_kernel(layer)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, layer.weight().detach().view(c, c, 1, 1), rtol=0, atol=0)
+    # And the scores follow the new weights: equal to an uncached forward.
+    torch.testing.assert_close(after_step, _log_px(model, x, naive=True), rtol=1e-5, atol=0)
+
+
+def test_load_state_dict_invalidates_caches(x):
+    """A checkpoint loaded into a model that already scored gives the checkpoint's scores."""
+    model, other = _glow(seed=0), _glow(seed=1)
+    _log_px(model, x)  # fills the caches
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_log_px(model, x), _log_px(other, x), rtol=1e-6, atol=0)
+
+
+def test_no_cache_while_training_or_with_autograd(x):
+    model = _glow()
+    layer = next(m for m in model.modules() if isinstance(m, ActNorm))
+    model.train()
+    model.log_prob(x).sum().backward()  # autograd on: every value recomputed, nothing stored
+    assert not getattr(layer, "_cache", {})
+    assert layer.logs.grad is not None and layer.logs.grad.abs().sum() > 0
+
+
+def test_channels_last_matches_exact(x):
+    model = _glow()
+    exact = _log_px(model, x)
+    fast = _log_px(model, x, channels_last=True)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=0)
+    assert model.extra_metadata()["fast_path"] == "channels_last"
+
+
+def test_bf16_couplings_within_a_hundredth_of_a_bit(x):
+    model = _glow()
+    exact = bits_per_dim(_log_px(model, x), D)
+    fast = bits_per_dim(_log_px(model, x, bf16=True), D)
+    assert (fast - exact).abs().max() < 1e-2
+    assert not fast.equal(exact)  # bf16 really ran
+    # The log-dets and the 1x1 conv stay float32 (only the coupling networks are bf16).
+    with torch.inference_mode():
+        terms = model.log_prob_terms(x)
+    assert all(t.dtype == torch.float32 for t in terms.values())
+
+
+def test_bf16_training_step_has_finite_float32_grads(x):
+    model = _glow()
+    model.set_fast_path("bf16", True)
+    model.train()
+    model.training_loss(x).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_compile_captures_one_graph_and_matches_exact(x):
+    """fullgraph=True: any graph break in the forward is an error. The quick "eager"
+    backend checks the capture; the inductor test below checks the compiled kernels."""
+    model = _glow()
+    exact = _log_px(model, x)
+    model.compile_backend = "eager"
+    fast = _log_px(model, x, compile=True)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=0)
+    # A short last batch is padded to the compiled batch: same rows, no recompilation.
+    with torch.inference_mode():
+        short = model.log_prob(x[:4])
+    torch.testing.assert_close(short, exact[:4], rtol=1e-5, atol=0)
+    assert model.extra_metadata()["fast_path"] == "compile"
+
+
+@pytest.mark.skipif(os.environ.get("OOD_AUDIT_TEST_COMPILE") != "1",
+                    reason="inductor compilation of even a tiny Glow takes minutes on 2 cores; "
+                           "set OOD_AUDIT_TEST_COMPILE=1 to run it")
+def test_compile_inductor_matches_exact(x):
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    model = _glow()
+    exact = _log_px(model, x)
+    torch.testing.assert_close(_log_px(model, x, compile=True), exact, rtol=1e-5, atol=0)
+
+
+def test_compile_without_a_compiler_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    model = _glow()
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        model.set_fast_path("compile", True)
+    assert not model.fast.compile
+
+
+def test_tf32_off_cuda_and_bad_values_are_user_errors():
+    model = _glow()
+    with pytest.raises(UserError, match="CUDA"):
+        model.set_score_option("tf32", True)
+    with pytest.raises(UserError, match="true or false"):
+        model.set_score_option("bf16", 1)
+    with pytest.raises(UserError, match="no scoring option"):
+        model.set_score_option("iw_samples", 4)
+    assert "fast_path" not in model.extra_metadata()  # the exact path
+
+
+def test_fast_path_description():
+    fast = FastPath()
+    assert fast.describe() == "exact"
+    fast.set("bf16", True)
+    fast.set("channels_last", True)
+    assert fast.describe() == "channels_last+bf16"
+
+
+def test_allocator_tuning_is_idempotent_and_keeps_numbers(x):
+    model = _glow()
+    before = _log_px(model, x)
+    state = tune_cpu_allocator()
+    assert tune_cpu_allocator() == state
+    assert _log_px(model, x).equal(before)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_gives_the_scorers_batches(workers):
+    """Same images, same noise as the scorer's in-process chunks, whatever the workers,
+    also for one shard of two processes."""
+    images = torch.randint(0, 256, (2 * NOISE_CHUNK + 40, *SHAPE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    for shard in (Shard(), Shard(rank=1, world=2)):
+        expected = list(dequantized_chunks(images, seed=3, key=7, shard=shard))
+        got = list(dequantized_batches(images, shard.chunks(len(images)), batch_size=300,
+                                       chunk=NOISE_CHUNK, seed=3, key=7,
+                                       device=torch.device("cpu"), workers=workers))
+        for first, block in expected:  # batches never straddle a noise chunk
+            mine = [(s, x) for _, s, x in got if first <= s < first + len(block)]
+            assert [s for s, _ in mine] == list(range(first, first + len(block), 300))
+            np.testing.assert_array_equal(torch.cat([x for _, x in mine]).numpy(), block.numpy())
+        assert sum(len(x) for *_, x in got) == shard.size(len(images))
