@@ -102,7 +102,9 @@ def child(args) -> dict:
     flops = count_flops(model, shape, device) if args.flops else None
     for name in (n for n in args.path.split("+") if n != "exact"):
         model.set_fast_path(name, True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    # As ood_audit/training/trainer.py builds it (fused); the naive baseline keeps the
+    # per-tensor Adam of the code before the fast-path work.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=args.path != "naive")
     xt = torch.rand(args.train_batch, *shape, device=device)
     xs = torch.rand(args.score_batch, *shape, device=device)
 

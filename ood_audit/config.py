@@ -156,8 +156,19 @@ class TrainConfig:
     # Background model of the likelihood-ratio detector (Ren et al. 2019): each training
     # pixel is replaced, with this probability, by a uniform random value in 0..255.
     perturb_mu: float = 0.0
+    # Opt-in fast paths of models that have them (Glow: ood_audit/models/fastpath.py
+    # FAST_PATHS); empty = the exact float32 path. Kept in config.yaml, so --resume keeps them.
+    fast_path: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.fast_path:
+            from .models.fastpath import FAST_PATHS  # lazy: config loading stays torch-free
+
+            bad = [n for n in self.fast_path if not isinstance(n, str) or n not in FAST_PATHS]
+            if bad:
+                raise UserError(f"unknown fast path(s) {', '.join(map(repr, bad))} in fast_path; "
+                                f"choose from {', '.join(FAST_PATHS)}")
+            self.fast_path = list(dict.fromkeys(self.fast_path))  # drop repeats, keep order
         require_positive(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             max_grad_norm=self.max_grad_norm, limit=self.limit, test_limit=self.test_limit,

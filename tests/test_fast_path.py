@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ood_audit.data import bits_per_dim
 from ood_audit.errors import UserError
 from ood_audit.models.fastpath import FastPath, tune_cpu_allocator
-from ood_audit.models.flows.layers import ActNorm, InvConv1x1, conv1x1_gemm, conv3x3_taps
+from ood_audit.models.flows.layers import ActNorm, InvConv1x1, conv1x1_gemm, conv3x3_taps, conv3x3_unfold
 from ood_audit.models.glow import Glow, GlowConfig
 from ood_audit.scoring.loader import dequantized_batches
 from ood_audit.scoring.scorer import NOISE_CHUNK, Shard, dequantized_chunks
@@ -65,17 +65,69 @@ def test_exact_path_equals_naive_path(coupling, x):
 
 
 def test_gemm_convolutions_match_conv2d():
-    """Independent check of the two GEMM forms against F.conv2d, in float64."""
+    """Independent check of the three GEMM forms against F.conv2d, in float64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 5, 6, generator=g, dtype=torch.float64)
     conv1 = torch.nn.Conv2d(7, 9, 1).double()
     conv3 = torch.nn.Conv2d(7, 4, 3, padding=1).double()
-    with torch.no_grad():  # the GEMM forms serve scoring (autograd off) only
+    with torch.no_grad():
         torch.testing.assert_close(conv1x1_gemm(x, conv1),
                                    F.conv2d(x, conv1.weight, conv1.bias), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(conv3x3_taps(x, conv3),
                                    F.conv2d(x, conv3.weight, conv3.bias, padding=1),
                                    rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv3x3_unfold(x, conv3),
+                                   F.conv2d(x, conv3.weight, conv3.bias, padding=1),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form,k,channel_slice", [(conv1x1_gemm, 1, False), (conv3x3_taps, 3, False),
+                                                  (conv3x3_unfold, 3, False), (conv3x3_unfold, 3, True)])
+def test_gemm_convolution_gradients_match_conv2d(form, k, channel_slice):
+    """The training path: the hand-written backwards give conv2d's gradients of the input,
+    weight and bias (float64), also for a channel slice of a tensor (the coupling's xa)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 8 if channel_slice else 4, 5, 6, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(4, 6, k, padding=k // 2).double()
+    with torch.no_grad():
+        conv.bias.normal_(generator=g)
+    upstream = torch.randn(3, 6, 5, 6, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        x = base.clone().requires_grad_()
+        conv.zero_grad()
+        out = fn(x[:, :4] if channel_slice else x)
+        # an in-place op on the output, like the coupling's ReLU, must not break the backward
+        (out.mul_(1.5) * upstream).sum().backward()
+        return out.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+    want = grads(conv)
+    got = grads(lambda x: form(x, conv))
+    assert got[1].abs().sum() > 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_training_step_equals_naive_path(x):
+    """One Adam step on the exact path (GEMM convs, hand-written backwards, fused Adam) and
+    on the naive path (library convs) from the same weights: same loss, same gradients,
+    same updated weights up to float32 rounding."""
+    losses, grads, weights = [], [], []
+    for naive in (True, False):
+        model = _glow().train()
+        model.set_fast_path("naive", naive)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=not naive)
+        loss = model.training_loss(x).mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        losses.append(loss.detach())
+        weights.append([p.detach().clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(weights[1], weights[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _cached_kernel(layer: InvConv1x1) -> torch.Tensor:
@@ -227,3 +279,57 @@ def test_loader_gives_the_scorers_batches(workers):
             assert [s for s, _ in mine] == list(range(first, first + len(block), 300))
             np.testing.assert_array_equal(torch.cat([x for _, x in mine]).numpy(), block.numpy())
         assert sum(len(x) for *_, x in got) == shard.size(len(images))
+
+
+def _train_cli(tmp_path, tiny_data, capsys, out: str, *flags: str):
+    from ood_audit.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "glow", "--data", str(tiny_data), "--preset", "tiny",
+              "--epochs", "1", "--limit", "32", "--batch-size", "32", "--device", "cpu",
+              "--out", str(tmp_path / out), *flags])
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_train_channels_last_records_the_flag_and_matches_the_exact_path(tmp_path, tiny_data, capsys,
+                                                                          monkeypatch):
+    import pandas as pd
+    import yaml
+
+    from ood_audit.runs import RunDir
+    from ood_audit.training.checkpoint import read_metadata
+
+    monkeypatch.chdir(tmp_path)
+    code, err = _train_cli(tmp_path, tiny_data, capsys, "exact")
+    assert code == 0, err
+    code, err = _train_cli(tmp_path, tiny_data, capsys, "cl", "--channels-last")
+    assert code == 0, err
+    exact, cl = RunDir(tmp_path / "exact"), RunDir(tmp_path / "cl")
+    assert yaml.safe_load(cl.config.read_text())["train"]["fast_path"] == ["channels_last"]
+    assert yaml.safe_load(exact.config.read_text())["train"]["fast_path"] == []
+    assert read_metadata(cl.model)["model.fast_path"] == "channels_last"
+    assert "model.fast_path" not in read_metadata(exact.model)
+    # One step per epoch (32 images, batch 32): the epoch's train bits/dim is the first
+    # step's loss; the test bits/dim is after that step.
+    m_exact, m_cl = pd.read_parquet(exact.metrics), pd.read_parquet(cl.metrics)
+    assert m_exact["step"].tolist() == [1] == m_cl["step"].tolist()
+    for column in ("train_bpd", "test_bpd"):
+        assert m_cl[column].iloc[0] == pytest.approx(m_exact[column].iloc[0], rel=1e-4)
+
+    # --resume (train longer) keeps the run's fast paths, from its config.yaml.
+    code, err = _train_cli(tmp_path, tiny_data, capsys, "cl", "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert yaml.safe_load(cl.config.read_text())["train"]["fast_path"] == ["channels_last"]
+    assert read_metadata(cl.model)["model.fast_path"] == "channels_last"
+
+
+def test_train_fast_path_user_errors(tmp_path, tiny_data, capsys):
+    from ood_audit.config import TrainConfig, from_dict
+
+    with pytest.raises(UserError, match="choose from channels_last, compile, bf16, tf32"):
+        from_dict(TrainConfig, {"fast_path": ["channels_last", "warp"]}, where="c.yaml")
+    from_dict(TrainConfig, {"fast_path": ["bf16"]}, where="c.yaml")  # a known one is fine
+    code, err = _train_cli(tmp_path, tiny_data, capsys, "v", "--model", "vae", "--channels-last")
+    assert code == 2 and "glow only" in err
+    code, err = _train_cli(tmp_path, tiny_data, capsys, "t", "--tf32")
+    assert code == 2 and "CUDA" in err

@@ -17,7 +17,18 @@ from ..training.run import load_run_config, train_run
 from ..training.trainer import EpochResult, TrainProgress
 from .console import err, note
 from .console import out as stdout
-from .options import DATA_HELP, MODEL_HELP, DataRootOpt, DeviceOpt, DownloadOpt
+from .options import (
+    DATA_HELP,
+    MODEL_HELP,
+    Bf16Opt,
+    ChannelsLastOpt,
+    CompileOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    Tf32Opt,
+    fast_path_options,
+)
 
 
 class RichTrainProgress(TrainProgress):
@@ -92,6 +103,10 @@ def train(
         None, "--weight-decay", help="L2 weight decay (Adam's coupled decay). Default: 0, "
         f"or {DEFAULT_WEIGHT_DECAY:g} with --background."),
     device: str = DeviceOpt,
+    channels_last: bool = ChannelsLastOpt,
+    compile: bool = CompileOpt,
+    bf16: bool = Bf16Opt,
+    tf32: bool = Tf32Opt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
                                 "last saved state (after Ctrl-C or a crash)."),
     background: bool = typer.Option(
@@ -118,6 +133,9 @@ def train(
     Ensemble of 5 seeds: ood-audit train --seeds 0,1,2,3,4 --out runs/ens
 
     Data-parallel (DDP; rank 0 writes): torchrun --nproc_per_node 2 -m ood_audit train ...
+
+    Glow fast paths (--channels-last, --compile, --bf16, --tf32) are kept in the run's
+    config.yaml (train.fast_path), so --resume trains on with the same ones.
     """
     if dist_env()[0] != 0:  # under torchrun rank 0 speaks for the run
         stdout.quiet = err.quiet = True
@@ -148,6 +166,9 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
         keep_checkpoints=keep_checkpoints, device=device,
         weight_decay=weight_decay).items() if v is not None}
+    fast = list(fast_path_options(channels_last=channels_last, compile=compile, bf16=bf16, tf32=tf32))
+    if fast:  # added to the config file's fast_path, if any
+        overrides["fast_path"] = [*cfg.train.fast_path, *fast]
     if overrides:
         import dataclasses
 

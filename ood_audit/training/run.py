@@ -163,6 +163,7 @@ def _train_run(config, out, *, resume, resume_epochs, data_root, download, runs_
                 f"{config.train.batch_size // world} (DistributedDataParallel, {dist.backend})")
         torch.manual_seed(config.train.seed)  # weight init: same seed, same model
         model = build_model(config.model, model_config, train_set.shape).to(device)
+        apply_fast_paths(model, config.model, config.train.fast_path)
         trainer = Trainer(model, config.model, model_config, config, rd, train_set, test_set,
                           device, progress=progress, dist=dist)
         if not fresh:
@@ -182,6 +183,18 @@ def _train_run(config, out, *, resume, resume_epochs, data_root, download, runs_
         results = trainer.fit()
     n_params = sum(p.numel() for p in model.parameters())
     return TrainOutcome(rd.root, config, results, notes, n_params, str(device), world)
+
+
+def apply_fast_paths(model, model_name: str, names: list[str]) -> None:
+    """Turn on ``names`` (TrainConfig.fast_path) on ``model``, already on its device (the
+    fast paths check the device); a UserError for a model without fast paths."""
+    if not names:
+        return
+    if not hasattr(model, "set_fast_path"):
+        raise UserError(f"model {model_name!r} has no fast paths ({', '.join(names)} given); "
+                        "they apply to glow only: drop the flag(s)")
+    for name in names:
+        model.set_fast_path(name, True)
 
 
 def _quiet(message: str) -> None:

@@ -183,8 +183,11 @@ class Trainer:
         self.progress = (progress if self.dist.is_main else None) or TrainProgress()
         self._ddp: torch.nn.Module | None = None  # built in fit(), after init or resume
         self.n_dims = math.prod(train_set.shape)
+        # fused: one kernel over all parameters instead of ~10 small ops per tensor (Adam's
+        # step cost 2-4x less on CPU); the same update up to float rounding.
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+            model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+            fused=device.type in ("cpu", "cuda"),
         )
         warmup = max(self.cfg.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
