@@ -112,7 +112,7 @@ class DecomposeSection:
     second_order: bool = False  # the paper's second-order (Hessian trace) analysis
     second_order_limit: int = 500
     second_order_batch: int = 64
-    second_order_center: str = "in"  # in | pooled
+    second_order_center: str = "pooled"  # pooled | in
 
 
 @dataclass

@@ -189,3 +189,13 @@ def test_other_schema_version_is_a_user_error(tmp_path):
     write_scores(rd.scores, df, meta)
     res = CliRunner().invoke(_cli(), ["decompose", "--run", str(rd.root)])
     assert isinstance(res.exception, UserError) and "version" in str(res.exception)
+
+
+def test_gap_sentence_names_the_transform():
+    """Transformed OOD sets are compared with the untransformed test split: say which."""
+    from ood_audit.analysis.decomposition import Gap
+
+    plain = Gap("mnist test", "mnist", "test", "none", "fashionmnist test", 10.0, -0.1)
+    swept = Gap("mnist test", "mnist", "test", "contrast=0.5", "fashionmnist test", 10.0, -0.1)
+    assert plain.sentence().startswith("mnist test vs fashionmnist test:")
+    assert swept.sentence().startswith("mnist test [contrast=0.5] vs fashionmnist test:")

@@ -155,6 +155,24 @@ def test_invconv_cache_equals_rebuilt_weight_and_is_invalidated_by_a_step(x):
     torch.testing.assert_close(after_step, _log_px(model, x, naive=True), rtol=1e-5, atol=0)
 
 
+def test_fused_adam_steps_do_not_leave_stale_caches(x):
+    """Fused Adam (the trainer's) writes parameters without bumping version counters, so
+    the version check alone would miss its steps: evaluation after training must still
+    follow the new weights (the trainer's epoch loop: train, step, eval, score)."""
+    model = _glow()
+    model.eval()
+    _log_px(model, x)  # fills the caches
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        model.train()
+        opt.zero_grad()
+        model.training_loss(x).mean().backward()
+        opt.step()
+        model.eval()
+        cached_path = _log_px(model, x, naive=False)
+        torch.testing.assert_close(cached_path, _log_px(model, x, naive=True), rtol=1e-5, atol=0)
+
+
 def test_load_state_dict_invalidates_caches(x):
     """A checkpoint loaded into a model that already scored gives the checkpoint's scores."""
     model, other = _glow(seed=0), _glow(seed=1)

@@ -166,7 +166,10 @@ class Gap:
         way = "higher" if self.log_px > 0 else "lower"
         size = abs(self.log_px)
         size_text = f"{size:,.0f}" if size >= 10 else f"{size:.2g}"
-        text = (f"{self.label} vs {self.reference}: log p(x) {way} by {size_text} "
+        # The reference is the untransformed test split; name a transformed set's transform.
+        label = self.label if self.transform in ("", "none") or self.transform in self.label \
+            else f"{self.label} [{self.transform}]"
+        text = (f"{label} vs {self.reference}: log p(x) {way} by {size_text} "
                 f"nats ({self.bpd:+.3f} bits/dim)")
         if self.carrier and np.isfinite(self.share):
             text += f"; {pretty(self.carrier)} carries {self.share:.0%} of the gap"

@@ -285,7 +285,7 @@ def _set_stats(model, x0, x, lp, batch_size, progress, label) -> dict:
             "trace_h_sigma": tr, "trace_se": se, **channel_variances(pixel_variances(x))}
 
 
-def second_order(model, images: dict[str, Tensor], reference: str, *, center: str = "in",
+def second_order(model, images: dict[str, Tensor], reference: str, *, center: str = "pooled",
                  batch_size: int = 64, progress: SecondOrderProgress | None = None) -> dict:
     """Predicted vs measured gap of every OOD set in ``images`` (name -> dequantized
     ``[N, C, H, W]``) against ``images[reference]``. JSON-ready dict (see the CLI)."""
@@ -349,7 +349,7 @@ def _dequantized(images: Tensor, seed: int, key: int) -> Tensor:
 
 def second_order_run(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,
                      download: bool = False, batch_size: int = 64, device: str = "auto",
-                     seed: int = 0, center: str = "in",
+                     seed: int = 0, center: str = "pooled",
                      progress: SecondOrderProgress | None = None) -> dict:
     """Load the run's model and the first ``limit`` images of its in-distribution test set
     and of each OOD set, dequantized with the scorer's seeded noise; write and return

@@ -165,6 +165,17 @@ class Glow(DensityModel):
                 module.float64 = self.fast.tf32  # TF32 would lower this conv's precision
             module.naive = self.fast.naive
 
+    def train(self, mode: bool = True) -> Glow:
+        """Switch mode and drop every scoring cache (:func:`~ood_audit.models.flows.layers.cached`).
+
+        The caches check parameter version counters, but fused optimizers (``Adam(fused=True)``,
+        the trainer's) write parameters without bumping them; every trainer switches to train
+        mode to step and back to eval to evaluate, so clearing here keeps evaluation exact.
+        """
+        for module in self.modules():
+            module.__dict__.pop("_cache", None)
+        return super().train(mode)
+
     def set_score_option(self, name: str, value: object) -> None:
         """The fast paths (:data:`~ood_audit.models.fastpath.FAST_PATHS`, bool values)."""
         if name in FAST_PATHS or name == "naive":
