@@ -224,10 +224,9 @@ def _train_seeds(cfg: RunConfig, out: Path | None, seeds: list[int] | None, *, r
         progress.stop()
     root = outcomes[0].run_dir.parent
     names = [member_name(o.config.train.seed) for o in outcomes]
+    # score --run on the ensemble folder scores every member and their log-mean-exp.
     stdout.print(f"[bold]ensemble[/] of {len(names)} -> {root / ENSEMBLE_FILE}; next: ood-audit "
-                 f"score --run {root / names[0]} "
-                 + " ".join(f"--member {root / n}" for n in names[1:]) + " --ood mnist",
-                 highlight=False)
+                 f"score --run {root} --ood mnist", highlight=False)
 
 
 def _train_background(*, run: Path | None, out: Path | None, mu: float | None,
