@@ -289,8 +289,7 @@ def test_loader_gives_the_scorers_batches(workers):
                            generator=torch.Generator().manual_seed(0))
     for shard in (Shard(), Shard(rank=1, world=2)):
         expected = list(dequantized_chunks(images, seed=3, key=7, shard=shard))
-        got = list(dequantized_batches(images, shard.chunks(len(images)), batch_size=300,
-                                       chunk=NOISE_CHUNK, seed=3, key=7,
+        got = list(dequantized_batches(images, shard.chunks(len(images)), batch_size=300, seed=3, key=7,
                                        device=torch.device("cpu"), workers=workers))
         for first, block in expected:  # batches never straddle a noise chunk
             mine = [(s, x) for _, s, x in got if first <= s < first + len(block)]

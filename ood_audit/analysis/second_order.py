@@ -337,14 +337,10 @@ def second_order(model, images: dict[str, Tensor], reference: str, *, center: st
 
 
 def _dequantized(images: Tensor, seed: int, key: int) -> Tensor:
-    """The scorer's dequantization: noise per chunk of NOISE_CHUNK images seeded by (seed,
-    set key, chunk index), so these are the very x the scores were computed on."""
-    from ..data import dequantize
-    from ..scoring.scorer import NOISE_CHUNK
-    from ..training.trainer import seeded
+    """The scorer's dequantization, so these are the very x the scores were computed on."""
+    from ..scoring.scorer import dequantized_chunks
 
-    return torch.cat([dequantize(images[s:s + NOISE_CHUNK], seeded(seed, key, c))
-                      for c, s in enumerate(range(0, len(images), NOISE_CHUNK))])
+    return torch.cat([chunk for _, chunk in dequantized_chunks(images, seed, key)])
 
 
 def second_order_run(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,

@@ -107,12 +107,20 @@ class Shard:
         return sum(min(NOISE_CHUNK, n_images - start) for _, start in self.chunks(n_images))
 
 
+def dequantize_chunk(images: torch.Tensor, c: int, seed: int, key: int) -> torch.Tensor:
+    """Noise chunk ``c`` of ``images`` (images ``c * NOISE_CHUNK ..``) dequantized with the
+    generator ``seeded(seed, key, c)``: the one definition of the x every score is
+    computed on (scorer, DataLoader, second-order analysis)."""
+    start = c * NOISE_CHUNK
+    return dequantize(images[start:start + NOISE_CHUNK], seeded(seed, key, c))
+
+
 def dequantized_chunks(images: torch.Tensor, seed: int, key: int,
                        shard: Shard = Shard()) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first image, float chunk)`` of this shard's chunks of ``images``,
     dequantized with per-chunk seeded noise."""
     for c, start in shard.chunks(len(images)):
-        yield start, dequantize(images[start:start + NOISE_CHUNK], seeded(seed, key, c))
+        yield start, dequantize_chunk(images, c, seed, key)
 
 
 @torch.inference_mode()
@@ -126,12 +134,11 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
     from .detect import batch_columns
 
     n_dims = math.prod(job.images.shape)
-    for c, start in shard.chunks(len(job.images)):
+    for start, chunk in dequantized_chunks(job.images.images, seed, job.key, shard):
         # Models that sample while scoring (a VAE's IWAE bound) draw from the global RNG:
         # seed it per chunk (apart from the noise's stream) so a rerun, or a run with
         # another number of processes, gives the same numbers.
-        torch.manual_seed(seeded(seed, job.key, c, 1).initial_seed())
-        chunk = dequantize(job.images.images[start:start + NOISE_CHUNK], seeded(seed, job.key, c))
+        torch.manual_seed(seeded(seed, job.key, start // NOISE_CHUNK, 1).initial_seed())
         for b in range(0, len(chunk), batch_size):
             x = chunk[b:b + batch_size].to(device, non_blocking=True)
             # Sum in float64 so the written terms add up to the written log_px exactly.

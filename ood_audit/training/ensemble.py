@@ -25,11 +25,9 @@ from pathlib import Path
 from ..config import MAX_SEED, RunConfig
 from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
-from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, run_lock, set_latest
+from ..runs import ENSEMBLE_FILE, RUNS_ROOT, RunDir, atomic_write_text, new_run_name, run_lock, set_latest
 from .run import TrainOutcome, load_run_config, train_run
 from .trainer import TrainProgress
-
-ENSEMBLE_FILE = "ensemble.json"
 
 
 def member_name(seed: int) -> str:
