@@ -3,6 +3,7 @@ path, against a reference PyTorch Glow port, as JSON.
 
     python benchmarks/throughput.py                          # both reference configs, CPU
     python benchmarks/throughput.py --config small-ref --paths naive,exact,channels_last
+    python benchmarks/throughput.py --reference-port rosinality=../glow-pytorch --reference-port y0ast=../Glow-PyTorch
     python benchmarks/throughput.py --device cuda --peak-tflops 989   # + FLOP rate (H100/H200 bf16 dense)
 
 Every (config, path) runs in its own child process, so each gets a clean peak RSS and
@@ -12,6 +13,13 @@ default: caches, GEMM convolutions, allocator tuning; same function, float32) an
 opt-in fast paths of ``ood_audit/models/fastpath.py`` (``channels_last``, ``bf16``,
 ``compile``, ``tf32``; combine with ``+``). Random inputs stand in for data (speed does
 not depend on pixel values).
+
+``--reference-port NAME=DIR`` (repeatable; NAME in ``reference_ports.PORTS``, DIR the
+user's clone) measures that port in the same run, in its own child process with the same
+batches, warmup, repeats and threads and glibc's default allocator (no tuning of ours):
+a row with path ``port:NAME`` and, on every row of ours, ``score_vs_port_NAME`` /
+``train_vs_port_NAME``. The issue's figures for "a reference port" stay as
+``stated_reference`` (with ``*_vs_stated_reference``): they did not reproduce here.
 
 Timings on shared machines are noisy: compare ratios measured in one run, read the load
 average recorded before and after, and never assert on absolute numbers.
@@ -27,16 +35,23 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-#: The reference: a popular PyTorch Glow port on 2 CPU cores of the project's machines,
-#: batch 256 (score) and 64 (train), in images/s.
+from reference_ports import PORTS, PortError, check_clone
+
+#: stated_reference: the issue's figures for "a popular PyTorch Glow port" on 2 CPU cores
+#: of the project's machines, batch 256 (score) and 64 (train), in images/s. Neither port
+#: in reference_ports.py reproduces them here: measure one with --reference-port.
 CONFIGS = {
     "small-ref": {"shape": (1, 32, 32), "model_config": {"levels": 2, "steps": 8, "hidden": 128},
-                  "reference": {"score": 630.0, "train": 180.0}},
+                  "stated_reference": {"score": 630.0, "train": 180.0}},
     "standard-ref": {"shape": (3, 32, 32), "model_config": {"levels": 3, "steps": 32, "hidden": 512},
-                     "reference": {"score": 24.0, "train": 7.0},
+                     "stated_reference": {"score": 24.0, "train": 7.0},
                      # ~10 s per timed batch on 2 cores: one timed call keeps the CPU run short
                      "max_repeats": 1},
+    # Not listed in --help: seconds-long end-to-end runs for tests/test_benchmarks.py.
+    "tiny-test": {"shape": (1, 8, 8), "model_config": {"levels": 1, "steps": 2, "hidden": 8},
+                  "stated_reference": None, "hidden": True},
 }
 DEFAULT_PATHS = {"cpu": "naive,exact,channels_last",  # bf16 on AVX2 CPUs: ~10x slower
                  "cuda": "naive,exact,channels_last,tf32,bf16,channels_last+tf32+bf16,compile"}
@@ -84,6 +99,55 @@ def count_flops(model, shape, device) -> dict[str, float]:
     return {"score": score, "train": fc.get_total_flops() / 2}
 
 
+def parse_reference_port(spec: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> (NAME, DIR); a PortError (one line) when malformed, unknown or not a clone."""
+    name, sep, directory = spec.partition("=")
+    name, directory = name.strip(), directory.strip()
+    if not sep or not name or not directory:
+        raise PortError(f"--reference-port wants NAME=DIR (e.g. rosinality=./glow-pytorch), got {spec!r}")
+    if name not in PORTS:
+        raise PortError(f"--reference-port: unknown port {name!r}; known: {', '.join(PORTS)}")
+    check_clone(name, Path(directory))
+    return name, Path(directory).resolve()
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def port_child(args) -> dict:
+    """Measure one reference port on one config in this process (nothing of ood_audit imported:
+    the port gets glibc's default allocator, as it would in its own scripts)."""
+    import torch
+
+    _set_threads(args)
+    spec = CONFIGS[args.config]
+    shape = spec["shape"]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    port = PORTS[args.port](Path(args.port_dir), shape, seed=0, device=str(device), **spec["model_config"])
+    xt = port.prepare(torch.rand(args.train_batch, *shape))
+    xs = port.prepare(torch.rand(args.score_batch, *shape))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    port.model.train()
+    t_train = measure(lambda: port.train_step(xt), args.warmup, args.repeats, sync)
+    port.model.eval()
+    t_score = measure(lambda: port.score(xs), args.warmup, args.repeats, sync)
+    return {
+        "config": args.config, "path": f"port:{args.port}", "port_dir": args.port_dir,
+        "threads": torch.get_num_threads(),
+        "train_images_per_s": args.train_batch / t_train,
+        "score_images_per_s": args.score_batch / t_score,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
 def child(args) -> dict:
     """Measure one (config, path) in this process."""
     import torch
@@ -91,6 +155,7 @@ def child(args) -> dict:
     from ood_audit.models.registry import build_model, resolve_model_config
     from ood_audit.training.trainer import pick_device
 
+    _set_threads(args)
     spec = CONFIGS[args.config]
     shape = spec["shape"]
     device = pick_device(args.device)
@@ -125,6 +190,7 @@ def child(args) -> dict:
     t_score = measure(score_step, args.warmup, args.repeats, sync)
     out = {
         "config": args.config, "path": args.path, "fast_path": model.fast.describe(),
+        "threads": torch.get_num_threads(),
         "train_images_per_s": args.train_batch / t_train,
         "score_images_per_s": args.score_batch / t_score,
         # ru_maxrss is KiB on Linux: the process's peak, over both measurements
@@ -136,27 +202,90 @@ def child(args) -> dict:
     return out
 
 
-def run_child(args, config: str, path: str, flops: bool) -> dict:
+def _child_cmd(args, config: str) -> list[str]:
+    """The options every child shares, so ours and the ports' are measured alike."""
     repeats = args.repeats
     if args.device == "cpu" and CONFIGS[config].get("max_repeats"):
         repeats = min(repeats, CONFIGS[config]["max_repeats"])
-    cmd = [sys.executable, __file__, "--child", "--config", config, "--path", path,
-           "--device", args.device, "--train-batch", str(args.train_batch),
-           "--score-batch", str(args.score_batch), "--repeats", str(repeats),
-           "--warmup", str(args.warmup)] + (["--flops"] if flops else [])
-    env = dict(os.environ)
-    if path == "naive":
-        env["OOD_AUDIT_CPU_ALLOCATOR"] = "default"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    return [sys.executable, __file__, "--child", "--config", config, "--device", args.device,
+            "--train-batch", str(args.train_batch), "--score-batch", str(args.score_batch),
+            "--repeats", str(repeats), "--warmup", str(args.warmup)] + (
+        ["--threads", str(args.threads)] if args.threads else [])
+
+
+def _run(args, cmd: list[str], env: dict, config: str, path: str) -> dict:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "path": path, "error": [f"timed out after {args.child_timeout:g} s"]}
     if proc.returncode != 0:
         return {"config": config, "path": path, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_child(args, config: str, path: str, flops: bool) -> dict:
+    cmd = _child_cmd(args, config) + ["--path", path] + (["--flops"] if flops else [])
+    env = dict(os.environ)
+    if path == "naive":
+        env["OOD_AUDIT_CPU_ALLOCATOR"] = "default"
+    return _run(args, cmd, env, config, path)
+
+
+def run_port_child(args, config: str, name: str, clone_dir: Path) -> dict:
+    cmd = _child_cmd(args, config) + ["--port", name, "--port-dir", str(clone_dir)]
+    # The port never loads ood_audit, so our allocator tuning cannot reach it; this makes
+    # sure of it should that change.
+    env = {**os.environ, "OOD_AUDIT_CPU_ALLOCATOR": "default"}
+    return _run(args, cmd, env, config, f"port:{name}")
+
+
+def add_ratios(rows: list[dict], stated: dict | None, flops: dict | None, peak_tflops: float | None) -> None:
+    """Ratios on each row, in place: vs our naive path, vs each measured port (rows of ours
+    only), vs the stated reference figures; achieved TFLOP/s from our FLOP count (ours only)."""
+    ok = [r for r in rows if "error" not in r]
+    naive = next((r for r in ok if r["path"] == "naive"), None)
+    ports = [r for r in ok if r["path"].startswith("port:")]
+    for r in ok:
+        ours = not r["path"].startswith("port:")
+        for kind in ("score", "train"):
+            speed = r[f"{kind}_images_per_s"]
+            if stated:
+                r[f"{kind}_vs_stated_reference"] = speed / stated[kind]
+            if naive:
+                r[f"{kind}_vs_naive"] = speed / naive[f"{kind}_images_per_s"]
+            for p in ports if ours else ():
+                r[f"{kind}_vs_port_{p['path'][len('port:'):]}"] = speed / p[f"{kind}_images_per_s"]
+            if flops and ours:
+                r[f"{kind}_tflops"] = speed * flops[kind] / 1e12
+                if peak_tflops:
+                    r[f"{kind}_fraction_of_peak"] = r[f"{kind}_tflops"] / peak_tflops
+
+
+def summary(config: str, rows: list[dict], stated: dict | None) -> str:
+    """Readable lines for stderr: speeds, then each of our rows against ports and stated figures."""
+    lines = [f"{config}: " + "; ".join(
+        f"{r['path']} {r.get('score_images_per_s', float('nan')):.1f}/"
+        f"{r.get('train_images_per_s', float('nan')):.1f} img/s" for r in rows) + " (score/train)"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['path']}: FAILED: {' '.join(r['error'])}")
+            continue
+        if r["path"].startswith("port:"):
+            continue
+        parts = [f"{r[f'score_vs_port_{p}']:.2f}x / {r[f'train_vs_port_{p}']:.2f}x port:{p}"
+                 for p in (k[len("score_vs_port_"):] for k in r if k.startswith("score_vs_port_"))]
+        if stated:
+            parts.append(f"{r['score_vs_stated_reference']:.2f}x / {r['train_vs_stated_reference']:.2f}x "
+                         f"stated reference ({stated['score']:g}/{stated['train']:g})")
+        if parts:
+            lines.append(f"  {r['path']}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small-ref,standard-ref",
-                    help=f"comma-separated: {', '.join(CONFIGS)}")
+                    help=f"comma-separated: {', '.join(k for k, v in CONFIGS.items() if not v.get('hidden'))}")
     ap.add_argument("--paths", default=None, help="comma-separated paths (default: per device)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--train-batch", type=int, default=64)
@@ -166,47 +295,58 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the chip's peak (TFLOP/s) for the achieved-FLOP-rate ratio")
     ap.add_argument("--child-timeout", type=float, default=900.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in every child, ours and the ports' (default: torch's own)")
+    ap.add_argument("--reference-port", action="append", default=[], metavar="NAME=DIR",
+                    help=f"also measure a clone of a reference Glow port ({', '.join(PORTS)}) in the same "
+                         "run, e.g. rosinality=./glow-pytorch (git clone https://github.com/rosinality/"
+                         "glow-pytorch); repeatable")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--path", default="exact", help=argparse.SUPPRESS)
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        try:
+            print(json.dumps(port_child(args) if args.port else child(args)))
+        except PortError as exc:  # one line for the parent's error row
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         return
+    unknown = [c for c in args.config.split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --config {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    ports: dict[str, Path] = {}
+    for spec in args.reference_port:
+        try:
+            name, clone_dir = parse_reference_port(spec)
+        except PortError as exc:
+            ap.error(str(exc))
+        if name in ports:
+            ap.error(f"--reference-port {name} given twice")
+        ports[name] = clone_dir
 
     import torch
 
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    paths = (args.paths or DEFAULT_PATHS[device_type]).split(",")
+    paths = [p for p in (args.paths if args.paths is not None else DEFAULT_PATHS[device_type]).split(",") if p]
     report = {"device": args.device, "torch": torch.__version__, "machine": platform.machine(),
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
               "train_batch": args.train_batch, "score_batch": args.score_batch,
-              "repeats": args.repeats, "loadavg_before": loadavg(), "results": []}
+              "repeats": args.repeats, "reference_ports": {k: str(v) for k, v in ports.items()},
+              "loadavg_before": loadavg(), "results": []}
     for config in args.config.split(","):
         rows = [run_child(args, config, path, flops=(path == "exact")) for path in paths]
-        naive = next((r for r in rows if r["path"] == "naive" and "error" not in r), None)
+        rows += [run_port_child(args, config, name, clone_dir) for name, clone_dir in ports.items()]
         exact = next((r for r in rows if r["path"] == "exact" and "error" not in r), None)
-        ref = CONFIGS[config]["reference"]
+        stated = CONFIGS[config]["stated_reference"]
         flops = (exact or {}).get("flops_per_image")
-        for r in rows:
-            if "error" in r:
-                continue
-            for kind in ("score", "train"):
-                speed = r[f"{kind}_images_per_s"]
-                r[f"{kind}_vs_reference"] = speed / ref[kind]
-                if naive:
-                    r[f"{kind}_vs_naive"] = speed / naive[f"{kind}_images_per_s"]
-                if flops:
-                    r[f"{kind}_tflops"] = speed * flops[kind] / 1e12
-                    if args.peak_tflops:
-                        r[f"{kind}_fraction_of_peak"] = r[f"{kind}_tflops"] / args.peak_tflops
-        report["results"].append({"config": config, **CONFIGS[config],
+        add_ratios(rows, stated, flops, args.peak_tflops)
+        report["results"].append({"config": config, **{k: v for k, v in CONFIGS[config].items() if k != "hidden"},
                                   "flops_per_image": flops, "paths": rows})
-        print(f"{config}: " + "; ".join(
-            f"{r['path']} {r.get('score_images_per_s', float('nan')):.1f}/"
-            f"{r.get('train_images_per_s', float('nan')):.1f} img/s" for r in rows),
-            file=sys.stderr)
+        print(summary(config, rows, stated), file=sys.stderr)
     report["loadavg_after"] = loadavg()
     text = json.dumps(report, indent=2)
     print(text)

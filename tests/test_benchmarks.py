@@ -1,0 +1,257 @@
+"""benchmarks/reference_ports.py and throughput.py's --reference-port, with fake ports the
+tests write themselves (no third-party code): the adapters' plumbing is checked against
+closed forms, and one tiny end-to-end run checks the rows and ratios."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROSINALITY_URL = "git clone https://github.com/rosinality/glow-pytorch"
+
+# rosinality/glow-pytorch's API shape: AffineCoupling(in_channel, filter_size=512, affine=True)
+# never given filter_size by its callers; Glow(in_channel, n_flow, n_block) -> (log_p, logdet, z).
+# Zero output convs (as the port's ZeroConv2d) make z = x * exp(logs) at init: a closed form.
+FAKE_ROSINALITY = '''
+import math
+import torch
+from torch import nn
+
+
+class AffineCoupling(nn.Module):
+    def __init__(self, in_channel, filter_size=512, affine=True):
+        super().__init__()
+        self.net = nn.Conv2d(in_channel, filter_size, 1)
+        self.out = nn.Conv2d(filter_size, in_channel, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        return x + self.out(torch.relu(self.net(x)))
+
+
+class Glow(nn.Module):
+    def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True):
+        super().__init__()
+        self.couplings = nn.ModuleList(AffineCoupling(in_channel) for _ in range(n_flow * n_block))
+        self.logs = nn.Parameter(torch.zeros(in_channel))
+        self.register_buffer("initialized", torch.tensor(0))
+
+    def forward(self, x):
+        self.initialized.fill_(1)
+        z = x
+        for c in self.couplings:
+            z = c(z)
+        z = z * self.logs.exp()[None, :, None, None]
+        logdet = self.logs.sum() * x.shape[2] * x.shape[3] * torch.ones(x.shape[0])
+        log_p = (-0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+        return log_p, logdet, [z]
+'''
+
+# y0ast/Glow-PyTorch's API shape: Glow(image_shape=(H, W, C), ...) -> (z, bpd, None); it
+# dequantizes x IN PLACE and its ActNorm initializes on the first forward in train mode.
+FAKE_Y0AST = '''
+import math
+import torch
+from torch import nn
+from utils import shift
+
+
+class Glow(nn.Module):
+    def __init__(self, image_shape, hidden_channels, K, L, actnorm_scale, flow_permutation,
+                 flow_coupling, LU_decomposed, y_classes, learn_top, y_condition):
+        super().__init__()
+        self.image_shape, self.hidden = image_shape, hidden_channels
+        self.loc = nn.Parameter(torch.zeros(1))
+        self.inited = False
+
+    def forward(self, x):
+        if self.training:
+            self.inited = True
+        x += shift()
+        d = x[0].numel()
+        log_p = (-0.5 * (x - self.loc) ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+        return x, -log_p / (math.log(2.0) * d), None
+'''
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The benchmark modules, imported the way `python benchmarks/throughput.py` sees them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("reference_ports"), importlib.import_module("throughput")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def forget_fake_ports(tmp_path):
+    """The loader leaves a port's dir on sys.path and its modules loaded (a port may import
+    lazily); after each test drop those of the fakes, so no other test imports them."""
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
+    for name, mod in list(sys.modules.items()):
+        origin = getattr(mod, "__file__", None)
+        if origin and Path(origin).resolve().is_relative_to(tmp_path.resolve()):
+            del sys.modules[name]
+
+
+def write_port(root: Path, files: dict[str, str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+    return root
+
+
+def test_rosinality_adapter_sets_hidden_and_matches_closed_form(bench, tmp_path):
+    ports, _ = bench
+    clone = write_port(tmp_path / "glow-pytorch", {"model.py": FAKE_ROSINALITY})
+    shape = (2, 4, 4)
+    port = ports.PORTS["rosinality"](clone, shape, levels=2, steps=3, hidden=8, seed=0)
+    # filter_size came from `hidden` although Glow never passes it; one coupling per (step, level)
+    assert len(port.model.couplings) == 6
+    assert all(c.net.out_channels == 8 for c in port.model.couplings)
+    assert int(port.model.initialized) == 1, "the adapter runs the data-dependent init forward"
+
+    x = torch.rand(5, *shape)
+    xp = port.prepare(x)
+    d = math.prod(shape)
+    # Independent closed form at init: z = x - 0.5 (the port's input range), logs = 0.
+    expect = (-0.5 * (x.double() - 0.5) ** 2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
+    torch.testing.assert_close(port.score(xp).double(), expect, rtol=1e-5, atol=1e-4)
+
+    loss = port.train_step(xp)
+    torch.testing.assert_close(loss.double(), -expect.mean() / d, rtol=1e-5, atol=1e-6)
+    # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps) ~ lr = 1e-5.
+    torch.testing.assert_close(port.model.logs.detach().abs(), torch.full((2,), 1e-5), rtol=1e-3, atol=0)
+    assert port.opt.defaults["fused"] in (None, False), "the port's own default Adam, not fused"
+
+    # zero_grad between steps: the second gradient is the fresh one, not the sum of two.
+    port.train_step(xp)
+    logs = port.model.logs.detach().double()
+    hw = shape[1] * shape[2]
+    xc = (x.double() - 0.5) ** 2
+    grad = (xc.sum(dim=(2, 3)).mean(0) * torch.exp(2 * logs) - hw) / d  # d loss / d logs, pre-step
+    torch.testing.assert_close(port.model.logs.grad.double(), grad, rtol=1e-3, atol=1e-7)
+
+
+def test_y0ast_adapter_clones_input_and_inits_in_train_mode(bench, tmp_path):
+    ports, _ = bench
+    # A sibling imported by bare name, as y0ast's `from modules import ...`; a stale module of
+    # the same name already loaded must not be the one it gets.
+    stale = sys.modules.setdefault("utils", type(sys)("utils"))
+    try:
+        clone = write_port(tmp_path / "Glow-PyTorch", {"model.py": FAKE_Y0AST,
+                                                        "utils.py": "def shift():\n    return 1.0\n"})
+        shape = (1, 3, 5)
+        port = ports.PORTS["y0ast"](clone, shape, levels=1, steps=2, hidden=16, seed=0)
+    finally:
+        if sys.modules.get("utils") is stale:
+            del sys.modules["utils"]
+    assert port.model.image_shape == (3, 5, 1) and port.model.hidden == 16
+    assert port.model.inited, "y0ast's ActNorm only initializes in train mode"
+    port.model.eval()
+    x = torch.rand(4, *shape)
+    xp = port.prepare(x)
+    before = xp.clone()
+    got = port.score(xp).double()
+    assert torch.equal(xp, before), "the port's in-place dequantization must hit a copy"
+    d = math.prod(shape)
+    # log p from bpd, with the port seeing x - 0.5 + 1 (its in-place shift)
+    expect = (-0.5 * (x.double() + 0.5) ** 2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
+    loss = port.train_step(xp)
+    torch.testing.assert_close(loss.double(), -expect.mean() / (d * math.log(2)), rtol=1e-5, atol=1e-6)
+    assert torch.equal(xp, before)
+
+
+def test_missing_clone_and_failed_import_are_one_line_errors(bench, tmp_path):
+    ports, _ = bench
+    with pytest.raises(ports.PortError, match="no model.py") as err:
+        ports.PORTS["rosinality"](tmp_path, (1, 4, 4), levels=1, steps=1, hidden=4, seed=0)
+    assert ROSINALITY_URL in str(err.value) and "\n" not in str(err.value)
+
+    broken = write_port(tmp_path / "broken", {"model.py": "import scipy_not_installed_here_xyz\n"})
+    with pytest.raises(ports.PortError) as err:
+        ports.PORTS["rosinality"](broken, (1, 4, 4), levels=1, steps=1, hidden=4, seed=0)
+    msg = str(err.value)
+    assert "ModuleNotFoundError" in msg and "scipy_not_installed_here_xyz" in msg
+    assert ROSINALITY_URL in msg and "\n" not in msg
+
+
+def test_parse_reference_port(bench, tmp_path):
+    ports, tp = bench
+    clone = write_port(tmp_path / "glow-pytorch", {"model.py": FAKE_ROSINALITY})
+    assert tp.parse_reference_port(f"rosinality={clone}") == ("rosinality", clone.resolve())
+    for spec, match in [("rosinality", "NAME=DIR"), (f"={clone}", "NAME=DIR"), ("rosinality=", "NAME=DIR"),
+                        (f"nope={clone}", "unknown port 'nope'.*rosinality, y0ast"),
+                        (f"rosinality={tmp_path}", "no model.py")]:
+        with pytest.raises(ports.PortError, match=match):
+            tp.parse_reference_port(spec)
+
+
+def test_ratios_and_summary(bench):
+    _, tp = bench
+    rows = [{"path": "naive", "score_images_per_s": 100.0, "train_images_per_s": 50.0},
+            {"path": "exact", "score_images_per_s": 300.0, "train_images_per_s": 60.0},
+            {"path": "port:rosinality", "score_images_per_s": 120.0, "train_images_per_s": 80.0},
+            {"path": "port:y0ast", "error": ["error: cannot import"]}]
+    tp.add_ratios(rows, {"score": 600.0, "train": 120.0}, {"score": 1e9, "train": 3e9}, None)
+    exact, port = rows[1], rows[2]
+    assert exact["score_vs_port_rosinality"] == pytest.approx(2.5)
+    assert exact["train_vs_port_rosinality"] == pytest.approx(0.75)
+    assert exact["score_vs_stated_reference"] == pytest.approx(0.5)
+    assert exact["train_vs_naive"] == pytest.approx(1.2)
+    assert exact["train_tflops"] == pytest.approx(60 * 3e9 / 1e12)
+    assert not any(k.startswith(("score_vs_port", "train_vs_port")) for k in port), "no port-vs-port ratios"
+    assert "score_tflops" not in port and port["score_vs_stated_reference"] == pytest.approx(0.2)
+    assert not any("vs_port_y0ast" in k for k in exact), "a failed port gives no ratio"
+    text = tp.summary("small-ref", rows, {"score": 600.0, "train": 120.0})
+    assert "exact: 2.50x / 0.75x port:rosinality; 0.50x / 0.50x stated reference (600/120)" in text
+    assert "port:y0ast: FAILED: error: cannot import" in text
+
+
+def run_throughput(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "throughput.py"), *argv], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_rejects_bad_reference_port(tmp_path):
+    proc = run_throughput("--config", "tiny-test", "--reference-port", f"rosinality={tmp_path}")
+    assert proc.returncode == 2
+    assert "no model.py" in proc.stderr and ROSINALITY_URL in proc.stderr
+
+
+def test_tiny_run_end_to_end_measures_the_port(tmp_path):
+    clone = write_port(tmp_path / "glow-pytorch", {"model.py": FAKE_ROSINALITY})
+    out = tmp_path / "bench.json"
+    proc = run_throughput("--config", "tiny-test", "--paths", "exact", "--repeats", "1", "--warmup", "1",
+                          "--train-batch", "4", "--score-batch", "8", "--threads", "1",
+                          "--reference-port", f"rosinality={clone}", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["reference_ports"] == {"rosinality": str(clone.resolve())}
+    (result,) = report["results"]
+    assert result["stated_reference"] is None and "hidden" not in result
+    rows = {r["path"]: r for r in result["paths"]}
+    assert set(rows) == {"exact", "port:rosinality"}
+    exact, port = rows["exact"], rows["port:rosinality"]
+    assert "error" not in port, port
+    assert exact["threads"] == port["threads"] == 1
+    for kind in ("score", "train"):
+        assert port[f"{kind}_images_per_s"] > 0 and port["peak_rss_mb"] > 0
+        assert exact[f"{kind}_vs_port_rosinality"] == pytest.approx(
+            exact[f"{kind}_images_per_s"] / port[f"{kind}_images_per_s"])
+    assert "exact:" in proc.stderr and "port:rosinality" in proc.stderr
