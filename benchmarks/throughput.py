@@ -202,6 +202,17 @@ def child(args) -> dict:
     return out
 
 
+def sgemm_child(args) -> dict:
+    """This machine's float32 GEMM rate with the same threads: what a convolution-bound
+    model can reach at best (torch.mm of two 2048 x 2048 matrices, median of 5)."""
+    import torch
+
+    _set_threads(args)
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    seconds = measure(lambda: torch.mm(a, b), warmup=2, repeats=5, sync=lambda: None)
+    return {"sgemm_tflops": 2 * 2048**3 / seconds / 1e12, "threads": torch.get_num_threads()}
+
+
 def _child_cmd(args, config: str) -> list[str]:
     """The options every child shares, so ours and the ports' are measured alike."""
     repeats = args.repeats
@@ -241,7 +252,7 @@ def run_port_child(args, config: str, name: str, clone_dir: Path) -> dict:
 
 def add_ratios(rows: list[dict], stated: dict | None, flops: dict | None, peak_tflops: float | None) -> None:
     """Ratios on each row, in place: vs our naive path, vs each measured port (rows of ours
-    only), vs the stated reference figures; achieved TFLOP/s from our FLOP count (ours only)."""
+    only), vs the stated reference figures; achieved TFLOP/s from our FLOP count (the ports run the same convolutions)."""
     ok = [r for r in rows if "error" not in r]
     naive = next((r for r in ok if r["path"] == "naive"), None)
     ports = [r for r in ok if r["path"].startswith("port:")]
@@ -255,7 +266,7 @@ def add_ratios(rows: list[dict], stated: dict | None, flops: dict | None, peak_t
                 r[f"{kind}_vs_naive"] = speed / naive[f"{kind}_images_per_s"]
             for p in ports if ours else ():
                 r[f"{kind}_vs_port_{p['path'][len('port:'):]}"] = speed / p[f"{kind}_images_per_s"]
-            if flops and ours:
+            if flops:  # the ports run the same convolutions: our count applies to them too
                 r[f"{kind}_tflops"] = speed * flops[kind] / 1e12
                 if peak_tflops:
                     r[f"{kind}_fraction_of_peak"] = r[f"{kind}_tflops"] / peak_tflops
@@ -293,7 +304,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the chip's peak (TFLOP/s) for the achieved-FLOP-rate ratio")
+                    help="the chip's peak (TFLOP/s) for the achieved-FLOP-rate ratio "
+                         "(default on CPU: this machine's float32 GEMM rate, measured first)")
     ap.add_argument("--child-timeout", type=float, default=900.0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every child, ours and the ports' (default: torch's own)")
@@ -307,10 +319,11 @@ def main() -> None:
     ap.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sgemm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         try:
-            print(json.dumps(port_child(args) if args.port else child(args)))
+            print(json.dumps(sgemm_child(args) if args.sgemm else port_child(args) if args.port else child(args)))
         except PortError as exc:  # one line for the parent's error row
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -337,16 +350,38 @@ def main() -> None:
               "train_batch": args.train_batch, "score_batch": args.score_batch,
               "repeats": args.repeats, "reference_ports": {k: str(v) for k, v in ports.items()},
               "loadavg_before": loadavg(), "results": []}
+    peak = args.peak_tflops
+    if peak is None and device_type == "cpu":
+        # No stated peak on CPU: measure the GEMM rate, the ceiling of a conv-bound model.
+        cmd = [sys.executable, __file__, "--child", "--sgemm"]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        sgemm = _run(args, cmd, dict(os.environ), "sgemm", "sgemm")
+        if "error" not in sgemm:
+            peak = report["sgemm_tflops"] = sgemm["sgemm_tflops"]
+            report["peak_tflops_source"] = "measured: torch.mm 2048x2048 float32, same threads"
     for config in args.config.split(","):
         rows = [run_child(args, config, path, flops=(path == "exact")) for path in paths]
         rows += [run_port_child(args, config, name, clone_dir) for name, clone_dir in ports.items()]
         exact = next((r for r in rows if r["path"] == "exact" and "error" not in r), None)
         stated = CONFIGS[config]["stated_reference"]
         flops = (exact or {}).get("flops_per_image")
-        add_ratios(rows, stated, flops, args.peak_tflops)
-        report["results"].append({"config": config, **{k: v for k, v in CONFIGS[config].items() if k != "hidden"},
-                                  "flops_per_image": flops, "paths": rows})
+        add_ratios(rows, stated, flops, peak)
+        entry = {"config": config, **{k: v for k, v in CONFIGS[config].items() if k != "hidden"},
+                 "flops_per_image": flops, "paths": rows}
+        if flops and stated:
+            # The FLOP rate the stated figures imply for this model, and its share of the peak.
+            entry["stated_reference_tflops"] = {k: stated[k] * flops[k] / 1e12 for k in ("score", "train")}
+            if peak:
+                entry["stated_reference_fraction_of_peak"] = {
+                    k: v / peak for k, v in entry["stated_reference_tflops"].items()}
+        report["results"].append(entry)
         print(summary(config, rows, stated), file=sys.stderr)
+        if peak:
+            print("  fraction of peak (score/train): " + "; ".join(
+                f"{r['path']} {r['score_fraction_of_peak']:.2f}/{r['train_fraction_of_peak']:.2f}"
+                for r in rows if "score_fraction_of_peak" in r) + "".join(
+                f"; stated {v['score']:.2f}/{v['train']:.2f}" for v in [entry.get("stated_reference_fraction_of_peak")]
+                if v), file=sys.stderr)
     report["loadavg_after"] = loadavg()
     text = json.dumps(report, indent=2)
     print(text)
