@@ -49,6 +49,9 @@ CONFIGS = {
                      "stated_reference": {"score": 24.0, "train": 7.0},
                      # ~10 s per timed batch on 2 cores: one timed call keeps the CPU run short
                      "max_repeats": 1},
+    # The model presets users train (ood-audit train --preset), on the data they were sized for.
+    "preset-tiny": {"shape": (1, 28, 28), "preset": "tiny", "model_config": {}, "stated_reference": None},
+    "preset-small": {"shape": (1, 28, 28), "preset": "small", "model_config": {}, "stated_reference": None},
     # Not listed in --help: seconds-long end-to-end runs for tests/test_benchmarks.py.
     "tiny-test": {"shape": (1, 8, 8), "model_config": {"levels": 1, "steps": 2, "hidden": 8},
                   "stated_reference": None, "hidden": True},
@@ -160,7 +163,7 @@ def child(args) -> dict:
     shape = spec["shape"]
     device = pick_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    config, _ = resolve_model_config("glow", "small", dict(spec["model_config"]), shape)
+    config, _ = resolve_model_config("glow", spec.get("preset", "small"), dict(spec["model_config"]), shape)
     torch.manual_seed(0)
     model = build_model("glow", config, shape).to(device)
     model.data_init(torch.rand(16, *shape, device=device))
@@ -252,7 +255,8 @@ def run_port_child(args, config: str, name: str, clone_dir: Path) -> dict:
 
 def add_ratios(rows: list[dict], stated: dict | None, flops: dict | None, peak_tflops: float | None) -> None:
     """Ratios on each row, in place: vs our naive path, vs each measured port (rows of ours
-    only), vs the stated reference figures; achieved TFLOP/s from our FLOP count (the ports run the same convolutions)."""
+    only), vs the stated reference figures; achieved TFLOP/s from our FLOP count (the ports
+    run the same convolutions, so it applies to them too)."""
     ok = [r for r in rows if "error" not in r]
     naive = next((r for r in ok if r["path"] == "naive"), None)
     ports = [r for r in ok if r["path"].startswith("port:")]
@@ -293,14 +297,45 @@ def summary(config: str, rows: list[dict], stated: dict | None) -> str:
     return "\n".join(lines)
 
 
+def measure_config(args, config: str, paths: list[str], ports: dict[str, Path], peak: float | None) -> dict:
+    """Every path of ours and every port on one config at the current batch sizes, with ratios."""
+    rows = [run_child(args, config, path, flops=(path == "exact")) for path in paths]
+    rows += [run_port_child(args, config, name, clone_dir) for name, clone_dir in ports.items()]
+    exact = next((r for r in rows if r["path"] == "exact" and "error" not in r), None)
+    stated = CONFIGS[config]["stated_reference"]
+    flops = (exact or {}).get("flops_per_image")
+    add_ratios(rows, stated, flops, peak)
+    entry = {"config": config, **{k: v for k, v in CONFIGS[config].items() if k != "hidden"},
+             "score_batch": args.score_batch, "train_batch": args.train_batch,
+             "flops_per_image": flops, "paths": rows}
+    if flops and stated:
+        # The FLOP rate the stated figures imply for this model, and its share of the peak.
+        entry["stated_reference_tflops"] = {k: stated[k] * flops[k] / 1e12 for k in ("score", "train")}
+        if peak:
+            entry["stated_reference_fraction_of_peak"] = {
+                k: v / peak for k, v in entry["stated_reference_tflops"].items()}
+    print(summary(f"{config} (batch {args.score_batch} score, {args.train_batch} train)", rows, stated),
+          file=sys.stderr)
+    if peak:
+        print("  fraction of peak (score/train): " + "; ".join(
+            f"{r['path']} {r['score_fraction_of_peak']:.2f}/{r['train_fraction_of_peak']:.2f}"
+            for r in rows if "score_fraction_of_peak" in r) + "".join(
+            f"; stated {v['score']:.2f}/{v['train']:.2f}" for v in [entry.get("stated_reference_fraction_of_peak")]
+            if v), file=sys.stderr)
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="small-ref,standard-ref",
                     help=f"comma-separated: {', '.join(k for k, v in CONFIGS.items() if not v.get('hidden'))}")
     ap.add_argument("--paths", default=None, help="comma-separated paths (default: per device)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--train-batch", type=int, default=64)
-    ap.add_argument("--score-batch", type=int, default=256)
+    ap.add_argument("--train-batch", default="64",
+                    help="training batch size; a comma list sweeps sizes, paired with --score-batch's")
+    ap.add_argument("--score-batch", default="256",
+                    help="scoring batch size; a comma list sweeps sizes (one value pairs with every "
+                         "--train-batch value)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -321,6 +356,17 @@ def main() -> None:
     ap.add_argument("--port-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sgemm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        train_bs = [int(v) for v in str(args.train_batch).split(",")]
+        score_bs = [int(v) for v in str(args.score_batch).split(",")]
+    except ValueError:
+        ap.error("--train-batch and --score-batch take integers or comma lists of them")
+    if min(train_bs + score_bs) < 1 or (len(train_bs) != len(score_bs) and 1 not in (len(train_bs), len(score_bs))):
+        ap.error("--train-batch and --score-batch: positive sizes, lists of the same length (or one value)")
+    n_pairs = max(len(train_bs), len(score_bs))
+    batches = list(zip(train_bs * n_pairs if len(train_bs) == 1 else train_bs,
+                       score_bs * n_pairs if len(score_bs) == 1 else score_bs, strict=True))
+    args.train_batch, args.score_batch = batches[0]
     if args.child:
         try:
             print(json.dumps(sgemm_child(args) if args.sgemm else port_child(args) if args.port else child(args)))
@@ -347,7 +393,7 @@ def main() -> None:
     paths = [p for p in (args.paths if args.paths is not None else DEFAULT_PATHS[device_type]).split(",") if p]
     report = {"device": args.device, "torch": torch.__version__, "machine": platform.machine(),
               "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-              "train_batch": args.train_batch, "score_batch": args.score_batch,
+              "batches": [{"train": t, "score": b} for t, b in batches],
               "repeats": args.repeats, "reference_ports": {k: str(v) for k, v in ports.items()},
               "loadavg_before": loadavg(), "results": []}
     peak = args.peak_tflops
@@ -360,28 +406,8 @@ def main() -> None:
             peak = report["sgemm_tflops"] = sgemm["sgemm_tflops"]
             report["peak_tflops_source"] = "measured: torch.mm 2048x2048 float32, same threads"
     for config in args.config.split(","):
-        rows = [run_child(args, config, path, flops=(path == "exact")) for path in paths]
-        rows += [run_port_child(args, config, name, clone_dir) for name, clone_dir in ports.items()]
-        exact = next((r for r in rows if r["path"] == "exact" and "error" not in r), None)
-        stated = CONFIGS[config]["stated_reference"]
-        flops = (exact or {}).get("flops_per_image")
-        add_ratios(rows, stated, flops, peak)
-        entry = {"config": config, **{k: v for k, v in CONFIGS[config].items() if k != "hidden"},
-                 "flops_per_image": flops, "paths": rows}
-        if flops and stated:
-            # The FLOP rate the stated figures imply for this model, and its share of the peak.
-            entry["stated_reference_tflops"] = {k: stated[k] * flops[k] / 1e12 for k in ("score", "train")}
-            if peak:
-                entry["stated_reference_fraction_of_peak"] = {
-                    k: v / peak for k, v in entry["stated_reference_tflops"].items()}
-        report["results"].append(entry)
-        print(summary(config, rows, stated), file=sys.stderr)
-        if peak:
-            print("  fraction of peak (score/train): " + "; ".join(
-                f"{r['path']} {r['score_fraction_of_peak']:.2f}/{r['train_fraction_of_peak']:.2f}"
-                for r in rows if "score_fraction_of_peak" in r) + "".join(
-                f"; stated {v['score']:.2f}/{v['train']:.2f}" for v in [entry.get("stated_reference_fraction_of_peak")]
-                if v), file=sys.stderr)
+        for args.train_batch, args.score_batch in batches:
+            report["results"].append(measure_config(args, config, paths, ports, peak))
     report["loadavg_after"] = loadavg()
     text = json.dumps(report, indent=2)
     print(text)

@@ -240,14 +240,20 @@ def test_tiny_run_end_to_end_measures_the_port(tmp_path):
     clone = write_port(tmp_path / "glow-pytorch", {"model.py": FAKE_ROSINALITY})
     out = tmp_path / "bench.json"
     proc = run_throughput("--config", "tiny-test", "--paths", "exact", "--repeats", "1", "--warmup", "1",
-                          "--train-batch", "4", "--score-batch", "8", "--threads", "1",
+                          "--train-batch", "4", "--score-batch", "8,16", "--threads", "1",
                           "--reference-port", f"rosinality={clone}", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["reference_ports"] == {"rosinality": str(clone.resolve())}
-    (result,) = report["results"]
+    # a batch sweep: one result per (train, score) pair, the single train size paired with each
+    assert report["batches"] == [{"train": 4, "score": 8}, {"train": 4, "score": 16}]
+    assert [(r["train_batch"], r["score_batch"]) for r in report["results"]] == [(4, 8), (4, 16)]
+    assert report["sgemm_tflops"] > 0  # the measured CPU peak the fractions refer to
+    result = report["results"][0]
     assert result["stated_reference"] is None and "hidden" not in result
     rows = {r["path"]: r for r in result["paths"]}
+    assert rows["exact"]["score_fraction_of_peak"] == pytest.approx(
+        rows["exact"]["score_tflops"] / report["sgemm_tflops"])
     assert set(rows) == {"exact", "port:rosinality"}
     exact, port = rows["exact"], rows["port:rosinality"]
     assert "error" not in port, port
@@ -257,3 +263,9 @@ def test_tiny_run_end_to_end_measures_the_port(tmp_path):
         assert exact[f"{kind}_vs_port_rosinality"] == pytest.approx(
             exact[f"{kind}_images_per_s"] / port[f"{kind}_images_per_s"])
     assert "exact:" in proc.stderr and "port:rosinality" in proc.stderr
+
+
+@pytest.mark.parametrize("train,score", [("1,2,3", "8,16"), ("4", "0"), ("four", "8")])
+def test_cli_rejects_bad_batch_lists(train, score):
+    proc = run_throughput("--config", "tiny-test", "--train-batch", train, "--score-batch", score)
+    assert proc.returncode == 2 and "--train-batch" in proc.stderr
