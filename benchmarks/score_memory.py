@@ -32,7 +32,7 @@ def _rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(run: str, data: str, n: int, detectors: list[str]) -> None:
+def child(run: str, data: str, n: int, detectors: list[str], workers: int = 0) -> None:
     """Score in this process and print peak RSS, its growth during scoring and seconds.
 
     ``peak_rss_mb`` (ru_maxrss) is dominated by importing torch (~500 MB for the CPU
@@ -56,7 +56,8 @@ def child(run: str, data: str, n: int, detectors: list[str]) -> None:
     thread.start()
     t0 = time.perf_counter()
     score_run(RunDir(run), [data], limit=n, train_limit=0, batch_size=512, device="cpu",
-              notify=lambda m: None, detectors=detectors or None)
+              notify=lambda m: None, detectors=detectors or None,
+              **({"workers": workers} if workers else {}))  # older checkouts lack it
     seconds = time.perf_counter() - t0
     done.set()
     thread.join()
@@ -89,11 +90,13 @@ def main() -> None:
     ap.add_argument("--detector", action="append", default=[],
                     help="detectors to score (default: every one that applies)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="score --workers (worker processes' RSS is not counted; default 0)")
     ap.add_argument("--pythonpath", default=None, help="run the children against this checkout")
     ap.add_argument("--child", nargs=3, metavar=("RUN", "DATA", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.detector)
+        child(args.child[0], args.child[1], int(args.child[2]), args.detector, args.workers)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,13 +111,13 @@ def main() -> None:
         results = []
         for n in sizes:
             cmd = [sys.executable, __file__, "--child", str(run), str(data), str(n),
-                   *[f"--detector={d}" for d in args.detector]]
+                   *[f"--detector={d}" for d in args.detector], f"--workers={args.workers}"]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 sys.exit(f"child for N={n} failed:\n{res.stderr[-2000:]}")
             results.append({"n_images": n, **json.loads(res.stdout.strip().splitlines()[-1])})
     report = {"benchmark": "score_memory", "model": "glow tiny, 1x8x8",
-              "detectors": args.detector or "all that apply",
+              "detectors": args.detector or "all that apply", "workers": args.workers,
               "checkout": args.pythonpath or "this one", "results": results,
               "peak_rss_increase_mb": results[-1]["peak_rss_mb"] - results[0]["peak_rss_mb"],
               "growth_increase_mb": results[-1]["growth_mb"] - results[0]["growth_mb"]}

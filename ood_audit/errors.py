@@ -13,6 +13,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Interrupted(UserError):
+    """Stopped by Ctrl-C (SIGINT): exit code 130 (128 + SIGINT); the message says what was
+    kept. A UserError, so code that stops cleanly on a user error stops the same way."""
+
+    exit_code = 130
+
+
 class GateFailed(Exception):
     """A CI gate did not hold (exit code 1; the report is still written)."""
 

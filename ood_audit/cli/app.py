@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a user error
 (bad option, missing or corrupt file, unknown name, or a file system that refuses a
-read or write), printed as one line saying what to do; anything else is a bug and
-keeps its traceback.
+read or write), printed as one line saying what to do; 130 interrupted by Ctrl-C, one
+line ``interrupted`` saying what was kept; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import GateFailed, UserError
+from ..errors import GateFailed, Interrupted, UserError
 from . import decompose_cmd, report_cmd, run_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: user errors become one line on stderr and exit 2."""
     try:
         rv = app(args=argv, standalone_mode=False)
+    except Interrupted as exc:  # a command that stopped cleanly says what it kept
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(Interrupted.exit_code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(UserError.exit_code)
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {exc.format_message()} (see {where} --help)", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
-    # standalone_mode=False hands back --help's and typer.Exit's exit code as the value.
+    # standalone_mode=False hands back --help's and typer.Exit's exit code as the value;
+    # typer turns a KeyboardInterrupt inside a command into Exit(130), silently.
+    if rv == Interrupted.exit_code:
+        print("interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -119,6 +119,15 @@ def detector_table(rd) -> Table:
     return table
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when absent: tells whether a folder was replaced."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def score(
     ood: list[str] = typer.Option(None, "--ood", help=OOD_HELP),
     run: Path = RunOpt,
@@ -144,6 +153,11 @@ def score(
         "its training --limit N. Default: the first --train-limit train images."),
     transform: list[str] = typer.Option(None, "--transform", metavar="NAME[=ARG]",
                                         help=TRANSFORM_HELP),
+    workers: int = typer.Option(
+        None, "--workers", min=0, help="DataLoader worker processes that dequantize the next "
+        "images while the model scores (pinned memory on CUDA). Default: 2 on CUDA, 0 on CPU, "
+        "where workers would compete with the forward pass for cores. The scores do not "
+        "depend on it (the noise is seeded per chunk of 1,024 images)."),
     device: str = DeviceOpt,
     data_root: Path = DataRootOpt,
     download: bool = DownloadOpt,
@@ -165,8 +179,11 @@ def score(
 
     Example: ood-audit score --ood mnist --ood noise-uniform --limit 2000
     Variance sweep: ood-audit score --ood svhn --transform contrast=0.5 --transform grayscale
+
+    Ctrl-C stops with exit code 130; RUN/scores keeps its previous table (a partial one is
+    never published).
     """
-    from ..errors import UserError
+    from ..errors import Interrupted, UserError
 
     if not ood:
         raise UserError("name at least one OOD set with --ood (e.g. --ood mnist)")
@@ -186,6 +203,7 @@ def score(
     ctx = init_distributed(device or "auto") if dist_env()[1] > 1 else None
     is_main = ctx is None or ctx.is_main
     progress = RichScoreProgress() if is_main else None
+    before = _identity(rd.scores)
     try:
         # under torchrun only rank 0 holds the run's lock: the ranks write one table together
         with (run_lock(rd, "ood-audit score") if is_main else contextlib.nullcontext()), \
@@ -196,7 +214,14 @@ def score(
                                   progress=progress, options=options,
                                   detectors=list(dict.fromkeys(detector)) if detector else None,
                                   members=list(member or []), held_out=held_out,
-                                  transforms=list(transform or []))
+                                  transforms=list(transform or []), workers=workers)
+    except KeyboardInterrupt:
+        # The folder is swapped in whole (scorer.scores_folder), so it is either the old
+        # table or, when Ctrl-C came just as it was published, the complete new one.
+        kept = ("was left as it was" if _identity(rd.scores) == before
+                else "holds the complete new table (the summary was not printed)")
+        raise Interrupted(f"scoring stopped; {rd.scores} {kept}: a partial table is never "
+                          "published") from None
     finally:
         if ctx is not None:
             ctx.close()

@@ -199,9 +199,9 @@ def _ranks_agree(call):
     code 2 (every rank raises the same one, rank 0 prints it)."""
     try:
         return call()
-    except UserError:
+    except UserError as exc:
         if dist_env()[0] != 0:
-            raise typer.Exit(UserError.exit_code) from None
+            raise typer.Exit(exc.exit_code) from None
         raise
 
 

@@ -10,12 +10,35 @@ never depends on the number of workers, the batch size or the device.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .scorer import dequantize_chunk
+from ..errors import UserError
+from .scorer import dequantize_chunk, sigint_deferred
+
+
+def default_workers(device: torch.device) -> int:
+    """2 on CUDA (dequantizing overlaps the GPU's forward pass); 0 on CPU, where worker
+    processes would take cores from the forward pass itself."""
+    return 2 if device.type == "cuda" else 0
+
+
+def check_workers(workers: int | None) -> None:
+    """UserError for a negative worker count (None: the device's default)."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 0):
+        raise UserError(f"--workers must be 0 (dequantize in the scoring process) or a "
+                        f"positive number of worker processes, got {workers!r}")
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: let the main process alone handle it (and
+    # shut the workers down), instead of racing it with "worker exited unexpectedly".
+    # (Until then they hold the parent's recording handler: see dequantized_batches.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class DequantizedChunks(Dataset):
@@ -33,25 +56,33 @@ class DequantizedChunks(Dataset):
 
 
 def dequantized_batches(images: torch.Tensor, chunks: list[tuple[int, int]], *, batch_size: int,
-                        seed: int, key: int, device: torch.device, workers: int = 2
+                        seed: int, key: int, device: torch.device, workers: int | None = None
                         ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(c, start, x)``: ``x`` = images ``start .. start + len(x) - 1`` of noise
     chunk ``c``, dequantized exactly as the scorer does, on ``device``. ``chunks`` lists
     ``(chunk number, first image)`` pairs (the scorer's ``shard.chunks(len(images))``);
-    batches never straddle a chunk, as in the scorer. ``workers = 0`` dequantizes in this
-    process; memory is pinned only when ``device`` is CUDA.
+    batches never straddle a chunk. ``workers = 0`` dequantizes in this process, None
+    takes :func:`default_workers`; memory is pinned only when ``device`` is CUDA.
 
-    Wiring into ``score_images`` (scorer.py), replacing its chunk loop and batch slices::
-
-        for c, start, x in dequantized_batches(job.images.images, shard.chunks(n),
-                batch_size=batch_size, seed=seed, key=job.key,
-                device=device, workers=2 if device.type == "cuda" else 0):
-            # seed the global RNG once per new chunk c, as now; idx = arange(start, start + len(x))
+    At most ``2 * workers`` chunks (1,024 images each) wait in flight, so memory does not
+    grow with the set.
     """
+    check_workers(workers)
+    workers = default_workers(device) if workers is None else workers
+    workers = min(workers, len(chunks))  # no idle processes for a small set
     pin = device.type == "cuda"
     loader = DataLoader(DequantizedChunks(images, chunks, seed, key), batch_size=None,
                         num_workers=workers, pin_memory=pin,
-                        prefetch_factor=2 if workers else None)
-    for (c, first), block in zip(chunks, loader, strict=True):
+                        prefetch_factor=2 if workers else None,
+                        worker_init_fn=_ignore_sigint if workers else None,
+                        # its own generator: creating the iterator never draws from the
+                        # global RNG, which a VAE's IWAE bound samples from (seeded per chunk)
+                        generator=torch.Generator())
+    # Workers are forked here. With SIGINT held back meanwhile, a Ctrl-C can neither hit a
+    # worker before it ignores SIGINT nor be swallowed by an at-fork hook in this process
+    # (both seen); this process gets it right after.
+    with sigint_deferred():
+        blocks = iter(loader)
+    for (c, first), block in zip(chunks, blocks, strict=True):
         for b in range(0, len(block), batch_size):
             yield c, first + b, block[b:b + batch_size].to(device, non_blocking=pin)

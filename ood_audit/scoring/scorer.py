@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -47,7 +46,13 @@ from .pixel_maps import save_pixel_maps
 from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
 
 NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent of batching
-ROW_GROUP = 16384  # rows buffered before a Parquet row group is written
+# Rows buffered before a Parquet row group is written. The writer's memory is one row
+# group's columns plus their encoding buffers: 16,384 rows cost ~14 MB more RSS than
+# this (with float dictionaries on), which is what a 100k-image score grew by.
+ROW_GROUP = 8192
+#: Columns worth dictionary-encoding (few distinct values). Float columns are not: their
+#: per-row-group hash tables cost memory and time and fall back to plain encoding anyway.
+DICTIONARY_COLUMNS = ["dataset", "role", "split", "transform", "label", "n_dims"]
 
 
 @dataclass
@@ -125,54 +130,67 @@ def dequantized_chunks(images: torch.Tensor, seed: int, key: int,
 
 @torch.inference_mode()
 def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: torch.device,
-                 seed: int, *, shard: Shard = Shard(), plan=None) -> Iterator[dict[str, np.ndarray]]:
+                 seed: int, *, shard: Shard = Shard(), plan=None,
+                 workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images.
 
     ``plan`` (a :class:`~ood_audit.scoring.detect.DetectorPlan`): also score its
     companion models on the same x and add its data features, batch by batch.
+    ``workers``: DataLoader processes dequantizing the next chunks
+    (:func:`~ood_audit.scoring.loader.dequantized_batches`; None: 2 on CUDA, 0 on CPU);
+    the numbers do not depend on it.
     """
     from .detect import batch_columns
+    from .loader import dequantized_batches
 
     n_dims = math.prod(job.images.shape)
-    for start, chunk in dequantized_chunks(job.images.images, seed, job.key, shard):
-        # Models that sample while scoring (a VAE's IWAE bound) draw from the global RNG:
-        # seed it per chunk (apart from the noise's stream) so a rerun, or a run with
-        # another number of processes, gives the same numbers.
-        torch.manual_seed(seeded(seed, job.key, start // NOISE_CHUNK, 1).initial_seed())
-        for b in range(0, len(chunk), batch_size):
-            x = chunk[b:b + batch_size].to(device, non_blocking=True)
-            # Sum in float64 so the written terms add up to the written log_px exactly.
-            raw_terms, extras = model.score_columns(x)
-            terms = {k: v.double() for k, v in raw_terms.items()}
-            log_px = sum_terms(terms)
-            cols: dict[str, np.ndarray] = {
-                "log_px": log_px.cpu().numpy(),
-                "bpd": bits_per_dim(log_px, n_dims).cpu().numpy(),
-            }
-            for name, value in {**terms, **extras}.items():
-                cols[name] = value.double().cpu().numpy()
-            idx = np.arange(start + b, start + b + len(x), dtype=np.int64)
-            cols["index"] = idx + job.first_index
-            cols["label"] = job.images.labels[idx].numpy()
-            if plan is not None:
-                batch_columns(plan, cols, x, job.images.images[start + b:start + b + len(x)])
-            yield cols
+    images = job.images.images
+    seeded_chunk = None
+    for c, start, x in dequantized_batches(images, shard.chunks(len(images)),
+                                           batch_size=batch_size, seed=seed, key=job.key,
+                                           device=device, workers=workers):
+        if c != seeded_chunk:
+            # Models that sample while scoring (a VAE's IWAE bound) draw from the global
+            # RNG: seed it per chunk (apart from the noise's stream) so a rerun, or a run
+            # with another number of processes or workers, gives the same numbers.
+            torch.manual_seed(seeded(seed, job.key, c, 1).initial_seed())
+            seeded_chunk = c
+        # Sum in float64 so the written terms add up to the written log_px exactly.
+        raw_terms, extras = model.score_columns(x)
+        terms = {k: v.double() for k, v in raw_terms.items()}
+        log_px = sum_terms(terms)
+        cols: dict[str, np.ndarray] = {
+            "log_px": log_px.cpu().numpy(),
+            "bpd": bits_per_dim(log_px, n_dims).cpu().numpy(),
+        }
+        for name, value in {**terms, **extras}.items():
+            cols[name] = value.double().cpu().numpy()
+        idx = np.arange(start, start + len(x), dtype=np.int64)
+        cols["index"] = idx + job.first_index
+        cols["label"] = job.images.labels[idx].numpy()
+        if plan is not None:
+            batch_columns(plan, cols, x, images[start:start + len(x)])
+        yield cols
 
 
 class ScoresWriter:
-    """Streams column batches into one Parquet file, a row group at a time."""
+    """Streams column batches into one Parquet file, a row group at a time: at most
+    ``row_group`` rows (plus one batch) are held before they go to disk, whatever the
+    size of the set."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, row_group: int | None = None):
         self.schema = schema
-        self.writer = pq.ParquetWriter(str(path), schema)
+        self.writer = pq.ParquetWriter(str(path), schema, use_dictionary=[
+            c for c in DICTIONARY_COLUMNS if c in schema.names])
         self.buffer: list[pa.RecordBatch] = []
         self.rows = 0
+        self.row_group = row_group or ROW_GROUP  # read at call time (tests lower it)
 
     def write(self, columns: dict[str, np.ndarray | list]) -> None:
         batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
         self.buffer.append(batch)
         self.rows += batch.num_rows
-        if self.rows >= ROW_GROUP:
+        if self.rows >= self.row_group:
             self.flush()
 
     def flush(self) -> None:
@@ -263,13 +281,14 @@ def held_out_job(info: CheckpointInfo, train_limit: int | None, *, root: Path | 
 def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], out: Path, *,
                batch_size: int, device: torch.device, seed: int,
                progress: ScoreProgress | None = None, plan=None,
-               ctx: DistContext | None = None) -> list[SetSummary]:
+               ctx: DistContext | None = None, workers: int | None = None) -> list[SetSummary]:
     """Score every job into the folder ``out`` (``part-<rank>.parquet``, one per process,
     published atomically once every process is done) and return per-set summaries (on
     the main process; [] on the others).
 
     ``plan``: the detectors' companion models and features, scored in the same batches.
     ``ctx``: this process's place in a torchrun group (None: a single process).
+    ``workers``: DataLoader processes dequantizing ahead (None: 2 on CUDA, 0 on CPU).
     """
     from .detect import plan_metadata
 
@@ -292,6 +311,9 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
         extra_columns=[*extras, *plan_columns],
     )
     schema = arrow_schema(terms, [*groups, *extras, *plan_columns], [], meta)
+    # Means shown on screen: a flow's group totals, else the model's terms.
+    keys = ["bpd", "log_px", *(groups or terms)]
+    tallies: list[tuple[tuple[str, ...], _SetTotals]] = []
     model.eval()
     with scores_folder(out, ctx) as tmp:
         writer = ScoresWriter(tmp / part_name(ctx.rank), schema)
@@ -299,22 +321,26 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
             for job in jobs:
                 n_dims = math.prod(job.images.shape)
                 progress.set_start(job, shard.size(len(job.images)))
+                tally = _SetTotals(keys, shard.size(len(job.images)))
+                tallies.append((tuple(_set_key(job)), tally))
                 t0 = time.perf_counter()
                 for cols in score_images(model, job, batch_size, device, seed, shard=shard,
-                                         plan=plan):
+                                         plan=plan, workers=workers):
                     for total, members in groups.items():
                         cols[total] = np.sum([cols[m] for m in members], axis=0)
                     b = len(cols["log_px"])
                     cols.update(dataset=[job.images.name] * b, role=[job.role] * b,
                                 split=[job.images.split] * b, transform=[job.transform] * b,
                                 n_dims=np.full(b, n_dims, dtype=np.int64))
+                    tally.add(cols)
                     writer.write(cols)
                     progress.advance(b, b / max(time.perf_counter() - t0, 1e-9))
                     t0 = time.perf_counter()
         finally:
             writer.close()
-    # Means shown on screen: a flow's group totals, else the model's terms.
-    return summarize(out, ["bpd", "log_px", *(groups or terms)]) if ctx.is_main else []
+    if ctx.world == 1:  # the running sums hold every row: no need to read the table back
+        return [tally.summary(key) for key, tally in tallies]
+    return summarize(out, keys) if ctx.is_main else []
 
 
 def _set_key(job: ScoreJob) -> list[str]:
@@ -342,34 +368,114 @@ def scores_folder(out: Path, ctx: DistContext) -> Iterator[Path]:
         yield tmp
         ctx.barrier()  # every part is closed
         if ctx.is_main:
-            replace_dir(tmp, out)
+            with sigint_deferred():  # a Ctrl-C between replace_dir's two renames would lose both
+                replace_dir(tmp, out)
         ctx.barrier()  # the table is in place before anyone reads it
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def summarize(path: Path, keys: list[str]) -> list[SetSummary]:
-    """Per-set means of ``keys`` and the log_px of each set, read from the finished table
-    (only the columns needed), sets in scoring order."""
-    from .schema import canonical_order, scores_files
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) until the block is done; it is raised right after.
 
-    columns = ["dataset", "role", "split", "transform", "index", "n_dims", *keys]
-    frames, meta = [], None
+    A Python-level handler that only records the signal, not a blocked signal mask: the
+    kernel hands a process's signal to any thread that does not block it (torch's and
+    arrow's pools), and Python runs handlers in the main thread whichever got it. Processes
+    forked inside the block inherit the recording handler, so a Ctrl-C there is ignored
+    too. Outside the main thread (no signal handlers there), a plain block.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler that was in place
+
+
+SET_COLUMNS = ["dataset", "role", "split", "transform"]
+SUMMARY_ROWS = 16384  # rows read at a time by summarize: its memory does not grow with the table
+
+
+class _SetTotals:
+    """One set's running sums of ``keys`` and its log_px and index columns (for the
+    AUROC), in arrays allocated once when the set's size is known (``size``), else
+    grown by doubling: nothing else of the rows is kept."""
+
+    def __init__(self, keys: list[str], size: int = 0):
+        self.keys = keys
+        self.sums = dict.fromkeys(keys, 0.0)
+        self.counts = dict.fromkeys(keys, 0)  # non-NaN values, as pandas' mean counts
+        self.n = 0
+        self.log_px = np.empty(size, np.float64)
+        self.index = np.empty(size, np.int64)
+
+    def add(self, cols) -> None:
+        """Rows given as columns (numpy arrays, or a DataFrame's columns)."""
+        b = len(cols["log_px"])
+        for k in self.keys:
+            v = np.asarray(cols[k], dtype=np.float64)
+            self.sums[k] += float(np.nansum(v))
+            self.counts[k] += int(np.count_nonzero(~np.isnan(v)))
+        if self.n + b > len(self.log_px):
+            grown = max(self.n + b, 2 * len(self.log_px))
+            self.log_px = np.resize(self.log_px, grown)
+            self.index = np.resize(self.index, grown)
+        self.log_px[self.n:self.n + b] = cols["log_px"]
+        self.index[self.n:self.n + b] = cols["index"]
+        self.n += b
+
+    def summary(self, key: tuple[str, ...]) -> SetSummary:
+        index, log_px = self.index[:self.n], self.log_px[:self.n]
+        if self.n > 1 and (np.diff(index) < 0).any():  # parts of a sharded table: image order
+            log_px = log_px[np.argsort(index, kind="stable")]
+        means = {k: self.sums[k] / self.counts[k] if self.counts[k] else float("nan")
+                 for k in self.keys}
+        if len(log_px) < len(self.log_px):  # not a view pinning the unused tail
+            log_px = log_px.copy()
+        return SetSummary(*key, n=self.n, means=means, log_px=log_px)
+
+
+def summarize(path: Path, keys: list[str]) -> list[SetSummary]:
+    """Per-set means of ``keys`` and the log_px of each set (in image order), sets in
+    scoring order, read from the finished table (every part: a sharded run's main
+    process learns the other ranks' rows this way; one process sums as it writes).
+
+    Streams: only the set columns, ``index``, ``log_px`` and ``keys`` are read,
+    :data:`SUMMARY_ROWS` rows at a time, into running sums; what grows with the table is
+    the log_px column kept for the AUROC (8 bytes per image), never the table.
+    """
+    from .schema import scores_files
+
+    columns = list(dict.fromkeys([*SET_COLUMNS, "index", "log_px", *keys]))
+    totals: dict[tuple[str, ...], _SetTotals] = {}
+    meta = None
     for part in scores_files(path):
-        # dictionary-encoded strings: categoricals, not one Python str per row
-        table = pq.read_table(part, columns=list(dict.fromkeys(columns)),
-                              read_dictionary=["dataset", "role", "split", "transform"])
-        meta = meta or ScoresMeta.from_arrow(table.schema.metadata, part)
-        frames.append(table.to_pandas())
-    df = canonical_order(pd.concat(frames, ignore_index=True), meta)
-    out = []
-    for (dataset, role, split, transform), rows in df.groupby(
-            ["dataset", "role", "split", "transform"], sort=False, observed=True):
-        out.append(SetSummary(
-            dataset=dataset, role=role, split=split, transform=transform, n=len(rows),
-            means={k: float(rows[k].mean()) for k in keys}, log_px=rows["log_px"].to_numpy()))
-    return out
+        # dictionary-encoded strings: categoricals, not one Python str per row.
+        # pre_buffer off: it fetches the columns of every row group up front (the whole
+        # file's worth); threads off: arrow's decoding threads kept adding RSS with every
+        # row group read (10k rows +12 MB, 100k +34 MB; flat single-threaded).
+        pf = pq.ParquetFile(part, read_dictionary=SET_COLUMNS, pre_buffer=False)
+        meta = meta or ScoresMeta.from_arrow(pf.schema_arrow.metadata, part)
+        for batch in pf.iter_batches(batch_size=SUMMARY_ROWS, columns=columns, use_threads=False):
+            df = batch.to_pandas(use_threads=False)
+            for key, rows in df.groupby(SET_COLUMNS, sort=False, observed=True):
+                totals.setdefault(tuple(str(v) for v in key), _SetTotals(keys)).add(rows)
+    try:  # the readers' set order (schema.canonical_order): as scored, unknown ones last
+        order = [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))] if meta else []
+    except (ValueError, TypeError):
+        order = []
+    ranked = sorted(totals, key=lambda k: order.index(k) if k in order else len(order))
+    return [totals[k].summary(k) for k in ranked]
 
 
 def _transforms_meta(jobs: list[ScoreJob]) -> dict[str, str]:
@@ -385,7 +491,8 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
               options: dict[str, object] | None = None,
               detectors: list[str] | None = None, members: list[Path] = (),
               held_out: bool = False,
-              transforms: list[str] | tuple[str, ...] = ()) -> list[SetSummary]:
+              transforms: list[str] | tuple[str, ...] = (),
+              workers: int | None = None) -> list[SetSummary]:
     """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries.
 
     ``options`` are the model's scoring options (``{"iw_samples": 64}`` for a VAE).
@@ -395,7 +502,9 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
     ``held_out``: train rows from after the model's training ``--limit``. See
     :mod:`ood_audit.scoring.detect`. ``transforms``: tags (``grayscale``,
     ``contrast=0.5``, ``invert``) each scoring a transformed copy of the in-distribution
-    test set and every OOD set (:func:`build_jobs`).
+    test set and every OOD set (:func:`build_jobs`). ``workers``: DataLoader processes
+    dequantizing the next chunks while the model scores (None: 2 on CUDA, 0 on CPU);
+    the numbers do not depend on it.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process scores its share of each set
     (:class:`Shard`) into ``scores/part-<rank>.parquet``; only the main process reports
@@ -403,9 +512,11 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
     """
     from ..distributed import dist_env, init_distributed
     from .detect import plan
+    from .loader import check_workers
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    check_workers(workers)
     parse_transforms(list(transforms))  # a bad --transform fails before the model loads
     # under torchrun the rank picks its GPU (cuda:LOCAL_RANK); alone, --device is checked as usual
     ctx = init_distributed(device if dist_env()[1] > 1 else pick_device(device))
@@ -423,7 +534,8 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
     chosen = plan(rd, model, info, jobs, detectors=detectors, members=all_members,
                   terms=terms, extra_columns=extras, device=dev, held_out=held_out)
     summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
-                           seed=seed, progress=progress, plan=chosen, ctx=ctx)
+                           seed=seed, progress=progress, plan=chosen, ctx=ctx,
+                           workers=workers)
     if ctx.is_main:
         with contextlib.suppress(FileNotFoundError):
             rd.legacy_scores.unlink()  # superseded by scores/; readers would prefer it anyway

@@ -29,7 +29,7 @@ import torch
 from ..config import RunConfig, keep_every
 from ..data import ImageSet, bits_per_dim, dequantize
 from ..distributed import DistContext
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..models.base import DensityModel
 from ..runs import RunDir, atomic_path
 from .checkpoint import link_or_copy, save_checkpoint
@@ -301,7 +301,8 @@ class Trainer:
                     if stopping:  # every rank agrees (all-reduced), so all stop at this step
                         self.save_state()
                         d.barrier()  # the state is on disk before any rank exits
-                        raise UserError(
+                        # Ctrl-C: Interrupted (exit 130); SIGTERM or another rank's: exit 2
+                        raise (Interrupted if stop.signal == "SIGINT" else UserError)(
                             f"stopped by {stop.signal or 'a signal to another rank'} at epoch "
                             f"{st.epoch + 1}, batch "
                             f"{st.batch}/{n_batches}; state saved: continue with "
