@@ -14,10 +14,17 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Stopped by Ctrl-C (SIGINT): exit code 130 (128 + SIGINT); the message says what was
+    """Stopped by a signal: Ctrl-C (SIGINT, exit code 130) or SIGTERM (a scheduler or
+    ``kill``: 143), 128 + the signal number as shells report it; the message says what was
     kept. A UserError, so code that stops cleanly on a user error stops the same way."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        import signal
+
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
 
 
 class GateFailed(Exception):

@@ -59,11 +59,12 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def one_error_line(code: int, err: str, *needles: str) -> str:
-    """Exit 2 with exactly one ``error:`` line holding every needle; no traceback."""
-    assert code == 2, err
+def one_error_line(code: int, err: str, *needles: str, expect: int = 2, prefix: str = "error:") -> str:
+    """Exit ``expect`` (2: a user error) with exactly one ``prefix`` line holding every
+    needle; no traceback."""
+    assert code == expect, err
     assert "Traceback" not in err, err
-    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    errors = [ln for ln in err.splitlines() if ln.startswith(prefix)]
     assert len(errors) == 1, err
     for needle in needles:
         assert needle in errors[0], errors[0]
@@ -170,8 +171,10 @@ def test_sigkill_then_sigterm_mid_epoch_resume_to_the_uninterrupted_weights(work
         run.stop()
     assert "resuming" in err and "at epoch 2, batch 1" in err, err
     assert not stale.exists()
+    # SIGTERM (a scheduler's stop): 128 + 15, as shells report it, and one "interrupted:" line
     line = one_error_line(code, err, "stopped by SIGTERM at epoch 3",
-                          f"state saved: continue with ood-audit train --resume --out {rd.root}")
+                          f"state saved: continue with ood-audit train --resume --out {rd.root}",
+                          expect=143, prefix="interrupted:")
     batch = int(line.split(", batch ")[1].split("/")[0])
     assert 0 < batch < 64, line  # mid-epoch
 

@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a user error
 (bad option, missing or corrupt file, unknown name, or a file system that refuses a
 read or write), printed as one line saying what to do; 130 interrupted by Ctrl-C, one
-line ``interrupted`` saying what was kept; anything else is a bug and keeps its
+line ``interrupted`` saying what was kept (143 for SIGTERM); anything else is a bug and keeps its
 traceback.
 """
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, standalone_mode=False)
     except Interrupted as exc:  # a command that stopped cleanly says what it kept
         print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(Interrupted.exit_code)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(UserError.exit_code)

@@ -15,6 +15,7 @@ DistributedDataParallel (see :mod:`.ddp`); rank 0 alone writes files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pickle
 import signal
@@ -301,8 +302,10 @@ class Trainer:
                     if stopping:  # every rank agrees (all-reduced), so all stop at this step
                         self.save_state()
                         d.barrier()  # the state is on disk before any rank exits
-                        # Ctrl-C: Interrupted (exit 130); SIGTERM or another rank's: exit 2
-                        raise (Interrupted if stop.signal == "SIGINT" else UserError)(
+                        # Ctrl-C / SIGTERM: Interrupted (exit 130 / 143); another rank's: exit 2
+                        stopped = (functools.partial(Interrupted, signal_name=stop.signal)
+                                   if stop.signal in ("SIGINT", "SIGTERM") else UserError)
+                        raise stopped(
                             f"stopped by {stop.signal or 'a signal to another rank'} at epoch "
                             f"{st.epoch + 1}, batch "
                             f"{st.batch}/{n_batches}; state saved: continue with "
