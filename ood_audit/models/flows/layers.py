@@ -213,157 +213,6 @@ class InvConv1x1(FlowLayer):
         return self._conv(z, "weight_inverse", self.weight_inverse), -self._logabsdet(z)
 
 
-def _gemm_friendly(x: Tensor, naive: bool) -> bool:
-    """True where the GEMM forms below beat ``F.conv2d``: contiguous NCHW on CPU, where
-    oneDNN reorders NCHW tensors around each conv and runs Glow's shapes at a half to a
-    third of the GEMM rate, in the forward and in the backward pass. Channels-last tensors
-    (oneDNN's native layout), GPUs, autocast (bf16: the GEMMs write float32 outputs) and
-    the naive path keep the library conv."""
-    return (not naive and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
-            and not torch.is_autocast_enabled("cpu"))
-
-
-def _weight_grad(g3: Tensor, x3: Tensor) -> Tensor:
-    """``sum_b g3[b] @ x3[b]^T`` (``[B, M, N]``, ``[B, K, N]`` -> ``[M, K]``): one GEMM per
-    image accumulated in place, never the ``[B, M, K]`` batch of products that autograd's
-    expand + bmm materialises and then sums (it made the training step slower than oneDNN)."""
-    grad = torch.zeros(g3.shape[1], x3.shape[1], dtype=g3.dtype, device=g3.device)
-    for gb, xb in zip(g3, x3, strict=True):
-        grad.addmm_(gb, xb.T)
-    return grad
-
-
-class _BatchedLinear(torch.autograd.Function):
-    """``out[b] = W @ x[b] + bias`` over ``x [B, K, N]``, returned as a fresh ``out_shape``
-    tensor, with a GEMM-only backward: grad x is the batched ``W^T @ g``, grad W
-    :func:`_weight_grad`, grad bias a sum. The output is a base tensor, not a view: the
-    coupling's in-place ReLU on a view would make autograd copy the gradient three times."""
-
-    @staticmethod
-    def forward(ctx, x3: Tensor, weight: Tensor, bias: Tensor | None, out_shape: tuple[int, ...]) -> Tensor:
-        ctx.save_for_backward(x3, weight)
-        ctx.has_bias = bias is not None
-        return _bmm_into(x3, weight, bias, out_shape)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x3, weight = ctx.saved_tensors
-        g3 = grad.reshape(x3.shape[0], weight.shape[0], x3.shape[2])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(weight.T.unsqueeze(0).expand(g3.shape[0], -1, -1), g3)
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(g3, x3)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g3.sum((0, 2))
-        return grad_x, grad_w, grad_b, None
-
-
-def _bmm_into(x3: Tensor, weight: Tensor, bias: Tensor | None, out_shape: tuple[int, ...]) -> Tensor:
-    out = torch.empty(out_shape, dtype=x3.dtype, device=x3.device)
-    # bmm, not matmul: matmul folds a 2-D @ 3-D product into one mm with two transposed
-    # copies of x, which cost more than the product itself.
-    out3 = out.view(x3.shape[0], weight.shape[0], x3.shape[2])
-    torch.bmm(weight.unsqueeze(0).expand(x3.shape[0], -1, -1), x3, out=out3)
-    if bias is not None:
-        out3.add_(bias.view(1, -1, 1))
-    return out
-
-
-def batched_linear(x3: Tensor, weight: Tensor, bias: Tensor | None, out_shape: tuple[int, ...]) -> Tensor:
-    """``W @ x3[b] + bias`` for each ``b`` (``x3 [B, K, N]``), as a new ``out_shape`` tensor
-    (``B * M * N`` elements); through :class:`_BatchedLinear` when autograd records it."""
-    if torch.is_grad_enabled() and (x3.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return _BatchedLinear.apply(x3, weight, bias, out_shape)
-    return _bmm_into(x3, weight, bias, out_shape)
-
-
-def conv1x1_gemm(x: Tensor, conv: nn.Conv2d, naive: bool = False) -> Tensor:
-    """``conv(x)`` for a 1x1 ``conv``, as one batched GEMM ``W @ x[b]`` over ``[C, H*W]``
-    (the same sums, in another order: equal up to float rounding)."""
-    if not _gemm_friendly(x, naive):
-        return conv(x)
-    b, c, h, w = x.shape
-    return batched_linear(x.view(b, c, h * w), conv.weight.view(conv.out_channels, c), conv.bias,
-                          (b, conv.out_channels, h, w))
-
-
-def conv3x3_unfold(x: Tensor, conv: nn.Conv2d, naive: bool = False) -> Tensor:
-    """``conv(x)`` for a 3x3, stride-1, zero-padding-1 ``conv`` with few input channels
-    (Glow's first coupling conv: C/2 -> hidden), as im2col + one batched GEMM. The
-    ``[B, 9 * C_in, H*W]`` columns are small when C_in is, and oneDNN's NCHW kernels for
-    these shapes ran at ~10 GFLOP/s forward and slower backward. Same sums, another order.
-    ``x`` may be a channel slice of an NCHW tensor (the coupling's ``xa``): unfold copies
-    it anyway."""
-    nchw = x.dim() == 4 and x.stride(-1) == 1 and x.stride(1) >= x.shape[2] * x.shape[3]
-    if (naive or x.device.type != "cpu" or not nchw or x.shape[1] * 9 > 256
-            or torch.is_autocast_enabled("cpu")):
-        return conv(x)
-    b, c, h, w = x.shape
-    cols = F.unfold(x, 3, padding=1)  # [B, C * 9, H*W], rows ordered (c, ky, kx) like weight
-    return batched_linear(cols, conv.weight.reshape(conv.out_channels, c * 9), conv.bias,
-                          (b, conv.out_channels, h, w))
-
-
-def _shifts(h: int, w: int):
-    """``(ky, kx, out_rows, out_cols, tap_rows, tap_cols)`` of the eight off-centre taps of a
-    zero-padded 3x3 conv: ``out[y, x] += tap[y + ky - 1, x + kx - 1]`` where that pixel exists."""
-    for ky in range(3):
-        for kx in range(3):
-            dy, dx = ky - 1, kx - 1
-            if dy or dx:
-                yield (ky, kx, slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)),
-                       slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx)))
-
-
-def _shift_sum(taps: Tensor, bias: Tensor) -> Tensor:
-    _, _, _, co, h, w = taps.shape
-    out = taps[:, 1, 1] + bias.view(1, co, 1, 1)
-    for ky, kx, oy, ox, ty, tx in _shifts(h, w):
-        out[:, :, oy, ox] += taps[:, ky, kx, :, ty, tx]
-    return out
-
-
-class _ShiftSum(torch.autograd.Function):
-    """``out = taps[:, 1, 1] + bias + shifted off-centre taps`` (see :func:`conv3x3_taps`)
-    with a hand-written backward: one zero tensor and nine slice copies, where autograd's
-    per-slice backward zero-filled and added nine full-size tap gradients."""
-
-    @staticmethod
-    def forward(ctx, taps: Tensor, bias: Tensor) -> Tensor:
-        return _shift_sum(taps, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        b, co, h, w = grad.shape
-        grad_taps = grad.new_zeros(b, 3, 3, co, h, w)
-        grad_taps[:, 1, 1] = grad
-        for ky, kx, oy, ox, ty, tx in _shifts(h, w):
-            grad_taps[:, ky, kx, :, ty, tx] = grad[:, :, oy, ox]
-        return grad_taps, grad.sum((0, 2, 3))
-
-
-def conv3x3_taps(x: Tensor, conv: nn.Conv2d, naive: bool = False) -> Tensor:
-    """``conv(x)`` for a 3x3, stride-1, zero-padding-1 ``conv`` with few output channels.
-
-    One GEMM computes all nine taps ``W[:, :, ky, kx] @ x`` (``[B, 9 * C_out, H*W]``); the
-    output is the centre tap plus the eight others shifted by ``(ky - 1, kx - 1)``. With
-    C_out much smaller than C_in (Glow's zero-initialised output convs: 128 or 512 -> a few
-    channels) this is ~3x faster than oneDNN's NCHW convolution on CPU; same sums, another
-    order.
-    """
-    if not _gemm_friendly(x, naive):
-        return conv(x)
-    b, c, h, w = x.shape
-    co = conv.out_channels
-    taps = batched_linear(x.view(b, c, h * w), conv.weight.permute(2, 3, 0, 1).reshape(9 * co, c), None,
-                          (b, 3, 3, co, h, w))
-    if torch.is_grad_enabled() and (taps.requires_grad or conv.bias.requires_grad):
-        return _ShiftSum.apply(taps, conv.bias)
-    return _shift_sum(taps, conv.bias)
-
-
 class ZeroConv2d(nn.Module):
     """3x3 conv with zero-initialised weights and bias and a learned per-channel
     log-scale multiplied by 3 (Glow's ``Conv2dZeros``): starts as the zero map, so
@@ -379,7 +228,7 @@ class ZeroConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The factor 3 lets the scale move faster than plain SGD on logs would (Glow code).
         scale = cached(self, "scale", (self.logs,), lambda: torch.exp(self.logs * 3.0))
-        return conv3x3_taps(x, self.conv, getattr(self, "naive", False)) * scale
+        return self.conv(x) * scale
 
 
 class AffineCoupling(FlowLayer):
@@ -430,17 +279,11 @@ class AffineCoupling(FlowLayer):
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, F.logsigmoid(raw + 2.0)
 
-    def _hidden(self, xa: Tensor) -> Tensor:
-        """``self.nn(xa)``, with the hidden 1x1 conv as one GEMM (:func:`conv1x1_gemm`)."""
-        conv_in, relu, conv_mid, _, conv_out = self.nn
-        h = relu(conv3x3_unfold(xa, conv_in, getattr(self, "naive", False)))
-        return conv_out(relu(conv1x1_gemm(h, conv_mid, getattr(self, "naive", False))))
-
     def _net(self, xa: Tensor) -> Tensor:
         if not self.bf16:
-            return self._hidden(xa)
+            return self.nn(xa)
         with torch.autocast(xa.device.type, dtype=torch.bfloat16):
-            h = self._hidden(xa)
+            h = self.nn(xa)
         return h.to(xa.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
