@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints/x86_64.txt
 	touch $@
 
 demo: venv
+	rm -rf $(DEMO_RUN)  # the demo starts over each time; keep a run elsewhere with --out
 	$(VENV)/bin/ood-audit train --config examples/demo.yaml --out $(DEMO_RUN)
 	$(VENV)/bin/ood-audit score --run $(DEMO_RUN) --ood mnist --ood noise-uniform --limit 2000
 	$(VENV)/bin/ood-audit decompose --run $(DEMO_RUN)
