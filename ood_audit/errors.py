@@ -6,6 +6,8 @@ with code 2. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
+
 
 class UserError(Exception):
     """Bad input the user can fix: message is one line saying what is wrong and what to do."""
@@ -22,8 +24,6 @@ class Interrupted(UserError):
 
     def __init__(self, message: str, signal_name: str = "SIGINT"):
         super().__init__(message)
-        import signal
-
         self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
 
 

@@ -61,6 +61,8 @@ ENSEMBLE_COLUMN = "log_px_ensemble"
 #: ScoresMeta.extra key: JSON list of [dataset, role, split, transform], the sets in the
 #: order they were scored (the readers' row order).
 SETS_KEY = "sets"
+#: The columns that name a scored set; a table's rows group into sets by these.
+SET_COLUMNS = ["dataset", "role", "split", "transform"]
 # Data features (no model) have one column per entry of ood_audit.scoring.features.FEATURES.
 
 
@@ -193,6 +195,17 @@ def read_scores(path: Path) -> tuple[pd.DataFrame, ScoresMeta]:
     return df, meta
 
 
+def set_order(meta: ScoresMeta | None) -> list[tuple[str, ...]]:
+    """The sets in scoring order, from the metadata's ``sets`` list ([] when a table
+    predates it, or the entry is damaged: readers then keep order of first appearance)."""
+    if meta is None:
+        return []
+    try:
+        return [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))]
+    except (ValueError, TypeError):
+        return []
+
+
 def canonical_order(df: pd.DataFrame, meta: ScoresMeta) -> pd.DataFrame:
     """Rows sorted by (set in scoring order, image index), index reset.
 
@@ -202,14 +215,9 @@ def canonical_order(df: pd.DataFrame, meta: ScoresMeta) -> pd.DataFrame:
     """
     if df.empty or "index" not in df.columns:
         return df
-    keys = ["dataset", "role", "split", "transform"]
-    order: list[tuple] = []
-    try:
-        order = [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))]
-    except (ValueError, TypeError):
-        order = []
+    order = set_order(meta)
     # group ids in order of first appearance; only the few group keys become tuples
-    grouped = df.groupby(keys, sort=False, observed=True)
+    grouped = df.groupby(SET_COLUMNS, sort=False, observed=True)
     ids = grouped.ngroup().to_numpy()
     present = [tuple(str(v) for v in k) for k in grouped.size().index]
     seen = list(dict.fromkeys([*order, *present]))  # unknown sets after known ones

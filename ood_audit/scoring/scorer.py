@@ -43,7 +43,7 @@ from ..runs import RunDir, ensure_dir, replace_dir
 from ..training.checkpoint import CheckpointInfo, load_checkpoint
 from ..training.trainer import pick_device, seeded
 from .pixel_maps import save_pixel_maps
-from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
+from .schema import SCHEMA_VERSION, SET_COLUMNS, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
 
 NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent of batching
 # Rows buffered before a Parquet row group is written. The writer's memory is one row
@@ -52,7 +52,7 @@ NOISE_CHUNK = 1024  # images dequantized together; fixes the noise independent o
 ROW_GROUP = 8192
 #: Columns worth dictionary-encoding (few distinct values). Float columns are not: their
 #: per-row-group hash tables cost memory and time and fall back to plain encoding anyway.
-DICTIONARY_COLUMNS = ["dataset", "role", "split", "transform", "label", "n_dims"]
+DICTIONARY_COLUMNS = [*SET_COLUMNS, "label", "n_dims"]
 
 
 @dataclass
@@ -402,7 +402,6 @@ def sigint_deferred() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)  # now, to the handler that was in place
 
 
-SET_COLUMNS = ["dataset", "role", "split", "transform"]
 SUMMARY_ROWS = 16384  # rows read at a time by summarize: its memory does not grow with the table
 
 
@@ -454,7 +453,7 @@ def summarize(path: Path, keys: list[str]) -> list[SetSummary]:
     :data:`SUMMARY_ROWS` rows at a time, into running sums; what grows with the table is
     the log_px column kept for the AUROC (8 bytes per image), never the table.
     """
-    from .schema import scores_files
+    from .schema import scores_files, set_order
 
     columns = list(dict.fromkeys([*SET_COLUMNS, "index", "log_px", *keys]))
     totals: dict[tuple[str, ...], _SetTotals] = {}
@@ -470,10 +469,7 @@ def summarize(path: Path, keys: list[str]) -> list[SetSummary]:
             df = batch.to_pandas(use_threads=False)
             for key, rows in df.groupby(SET_COLUMNS, sort=False, observed=True):
                 totals.setdefault(tuple(str(v) for v in key), _SetTotals(keys)).add(rows)
-    try:  # the readers' set order (schema.canonical_order): as scored, unknown ones last
-        order = [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))] if meta else []
-    except (ValueError, TypeError):
-        order = []
+    order = set_order(meta)  # as the readers order sets (schema.canonical_order): unknown ones last
     ranked = sorted(totals, key=lambda k: order.index(k) if k in order else len(order))
     return [totals[k].summary(k) for k in ranked]
 

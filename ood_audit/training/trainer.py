@@ -15,7 +15,6 @@ DistributedDataParallel (see :mod:`.ddp`); rank 0 alone writes files.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import pickle
 import signal
@@ -302,15 +301,16 @@ class Trainer:
                     if stopping:  # every rank agrees (all-reduced), so all stop at this step
                         self.save_state()
                         d.barrier()  # the state is on disk before any rank exits
-                        # Ctrl-C / SIGTERM: Interrupted (exit 130 / 143); another rank's: exit 2
-                        stopped = (functools.partial(Interrupted, signal_name=stop.signal)
-                                   if stop.signal in ("SIGINT", "SIGTERM") else UserError)
-                        raise stopped(
+                        message = (
                             f"stopped by {stop.signal or 'a signal to another rank'} at epoch "
                             f"{st.epoch + 1}, batch "
                             f"{st.batch}/{n_batches}; state saved: continue with "
                             f"ood-audit train --resume --out {self.rd.root}"
                         )
+                        # Ctrl-C / SIGTERM: Interrupted (exit 130 / 143); another rank's: exit 2
+                        if stop.signal in ("SIGINT", "SIGTERM"):
+                            raise Interrupted(message, signal_name=stop.signal)
+                        raise UserError(message)
                 seconds = time.perf_counter() - t0
                 if not self._weights_finite():  # never overwrite a good checkpoint with NaN
                     d.barrier()  # weights are equal on all ranks, so all raise here
