@@ -239,7 +239,8 @@ def test_second_writer_on_a_busy_run_is_refused(tiny_run, tmp_path):
     train (a real process), a new train and a score each refuse in one line; the holder
     carries on; once it is killed the lock is free again."""
     rd = RunDir(tmp_path / "busy")
-    shutil.copytree(tiny_run, rd.root)
+    # without any scores another test wrote into the shared tiny_run (test_scoring does)
+    shutil.copytree(tiny_run, rd.root, ignore=shutil.ignore_patterns(".lock", "scores*"))
     holder = TrainProcess(["--resume", "--out", str(rd.root), "--epochs", "1000"], cwd=tmp_path)
     try:
         holder.wait_until(lambda: rd.lock.exists()
