@@ -60,6 +60,7 @@ def load_model_module(name: str, clone_dir: Path) -> ModuleType:
     """
     clone_dir = Path(clone_dir).resolve()
     model_py = check_clone(name, clone_dir)
+    torch_compat()
     for sibling in clone_dir.glob("*.py"):
         loaded = sys.modules.get(sibling.stem)
         origin = getattr(loaded, "__file__", None)
@@ -79,14 +80,25 @@ def load_model_module(name: str, clone_dir: Path) -> ModuleType:
     return module
 
 
+def torch_compat() -> None:
+    """Shims for torch functions the ports call that today's torch has removed:
+    ``torch.qr`` (y0ast's 1x1 conv init; removed in favour of ``torch.linalg.qr``)."""
+    try:
+        torch.qr(torch.eye(2))
+    except (RuntimeError, AttributeError):
+        torch.qr = lambda a, some=True: torch.linalg.qr(a, mode="reduced" if some else "complete")
+
+
 class PortRunner:
     """One built port: ``prepare`` (untimed), ``score`` and ``train_step`` (timed)."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                 log_px_fn: Callable[[torch.Tensor], torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor]):
+                 log_px_fn: Callable[[torch.Tensor], torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor],
+                 exact_log_px_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self._loss = loss_fn
         self._log_px = log_px_fn
+        self._exact_log_px = exact_log_px_fn or log_px_fn
         self.prepare = prepare
         # The port's own default Adam (per-tensor, not fused), as its training script builds it.
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -94,6 +106,11 @@ class PortRunner:
     def score(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self._log_px(x)
+
+    def log_px(self, x: torch.Tensor) -> torch.Tensor:
+        """The port's log p(x) of prepared ``x`` exactly as given (no noise of its own), with
+        autograd: ``convergence.py`` trains and evaluates every implementation on it."""
+        return self._exact_log_px(x)
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad()
@@ -153,13 +170,21 @@ def _y0ast(clone_dir: Path, shape: tuple[int, int, int], levels: int, steps: int
     def log_px(x):  # bpd = -objective / (D log 2), objective including -D log 256
         return -bpd(x) * dims * math.log(2.0)
 
+    def exact_log_px(x):
+        """The port's log p(x) of x as given (already dequantized): its forward without the
+        noise it adds itself (``uniform_binning_correction``), so every implementation
+        sees the same x. Density of x in [-0.5, 0.5)^D, as ours of x + 0.5 in [0, 1)^D."""
+        z, objective = model.flow(x, logdet=torch.zeros(len(x), device=x.device))
+        mean, logs = model.prior(x)
+        return objective + m.gaussian_likelihood(mean, logs, z)
+
     def prepare(x):  # its train.py feeds images in [-0.5, 0.5)
         return (x - 0.5).to(device)
 
     model.train()  # ActNorm initializes on the first forward in train mode only
     with torch.no_grad():
         model(prepare(torch.rand(16, *shape, generator=torch.Generator().manual_seed(seed))))
-    return PortRunner(model, lambda x: bpd(x).mean(), log_px, prepare)
+    return PortRunner(model, lambda x: bpd(x).mean(), log_px, prepare, exact_log_px)
 
 
 #: name -> adapter(clone_dir, shape (C, H, W), levels, steps, hidden, seed, device="cpu") -> PortRunner

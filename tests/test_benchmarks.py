@@ -82,6 +82,17 @@ class Glow(nn.Module):
         d = x[0].numel()
         log_p = (-0.5 * (x - self.loc) ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
         return x, -log_p / (math.log(2.0) * d), None
+
+    # the pieces forward chains after its noise: flow (z, objective) and prior (mean, logs)
+    def flow(self, x, logdet):
+        return x - self.loc, logdet
+
+    def prior(self, x):
+        return torch.zeros_like(x), torch.zeros_like(x)
+
+
+def gaussian_likelihood(mean, logs, x):
+    return (-0.5 * (x - mean) ** 2 * torch.exp(-2 * logs) - logs - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
 '''
 
 
@@ -175,6 +186,9 @@ def test_y0ast_adapter_clones_input_and_inits_in_train_mode(bench, tmp_path):
     loss = port.train_step(xp)
     torch.testing.assert_close(loss.double(), -expect.mean() / (d * math.log(2)), rtol=1e-5, atol=1e-6)
     assert torch.equal(xp, before)
+    # log_px (what convergence.py trains on): the same x, without the port's own shift
+    exact = (-0.5 * (x.double() - 0.5) ** 2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
+    torch.testing.assert_close(port.log_px(xp).double(), exact, rtol=1e-5, atol=1e-4)
 
 
 def test_missing_clone_and_failed_import_are_one_line_errors(bench, tmp_path):
@@ -269,3 +283,54 @@ def test_tiny_run_end_to_end_measures_the_port(tmp_path):
 def test_cli_rejects_bad_batch_lists(train, score):
     proc = run_throughput("--config", "tiny-test", "--train-batch", train, "--score-batch", score)
     assert proc.returncode == 2 and "--train-batch" in proc.stderr
+
+
+# ------------------------------------------------------------------ convergence.py
+@pytest.fixture(scope="module")
+def convergence():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("convergence")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_time_to_reach_interpolates_between_evaluations(convergence):
+    curve = [{"seconds": 10.0, "test_bpd": 6.0}, {"seconds": 20.0, "test_bpd": 5.0},
+             {"seconds": 30.0, "test_bpd": 4.0}]
+    assert convergence.time_to_reach(curve, 4.5) == pytest.approx(25.0)
+    assert convergence.time_to_reach(curve, 6.5) == pytest.approx(10.0)
+    assert convergence.time_to_reach(curve, 3.0) is None
+
+
+def test_summary_compares_with_each_ports_final_mean(convergence):
+    def run(impl, seed, bpds, seconds):
+        return {"impl": impl, "seed": seed, "train_seconds": seconds[-1],
+                "curve": [{"step": i + 1, "seconds": t, "test_bpd": b}
+                          for i, (t, b) in enumerate(zip(seconds, bpds, strict=True))]}
+
+    summary = convergence.summarise({
+        "ours": [run("ours", 0, [6.0, 5.0], [10, 20]), run("ours", 1, [6.2, 5.2], [12, 22])],
+        "port": [run("port", 0, [6.5, 5.6], [40, 80]), run("port", 1, [6.3, 5.4], [40, 80])]})
+    assert summary["ours"]["final_bpd_mean"] == pytest.approx(5.1)
+    port = summary["port"]
+    assert port["final_bpd_mean"] == pytest.approx(5.5)
+    # ours' mean curve: (11 s, 6.1), (21 s, 5.1); 5.5 is 60% of the way: 17 s of the port's 80 s
+    assert port["ours_seconds_to_port_final"] == pytest.approx(17.0)
+    assert port["time_to_quality_ratio"] == pytest.approx(17.0 / 80.0)
+
+
+def test_convergence_runs_ours_end_to_end(tiny_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: glow\npreset: tiny\ndata: {tiny_data}\n"
+                      "train: {epochs: 1, batch_size: 16, limit: 64, test_limit: 32, warmup_steps: 2}\n")
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--config", str(config),
+                           "--seeds", "0,1", "--eval-every", "2", "--threads", "1", "--out", str(out),
+                           "--png", str(tmp_path / "c.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    ours = result["summary"]["ours"]
+    assert [p["step"] for p in ours["curve"]] == [2, 4]
+    assert len(ours["final_bpd"]) == 2 and all(0 < b < 20 for b in ours["final_bpd"])
+    assert (tmp_path / "c.png").stat().st_size > 0 and "| ours |" in proc.stdout

@@ -11,6 +11,7 @@ from torch.autograd.functional import jacobian
 
 from ood_audit.models.flows.layers import (
     ActNorm,
+    ActNormConv2d,
     AdditiveCoupling,
     AffineCoupling,
     FlowLayer,
@@ -105,7 +106,7 @@ def test_actnorm_initialises_once_to_zero_mean_unit_variance():
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3), rtol=0, atol=1e-5)
     torch.testing.assert_close(z.std(dim=(0, 2, 3), correction=0), torch.ones(3),
                                rtol=0, atol=1e-4)
-    torch.testing.assert_close(ld, torch.full((64,), 16 * layer.logs.sum().item()))
+    torch.testing.assert_close(ld, torch.full((64,), 16 * layer.log_scale().sum().item()))
     before = [p.detach().clone() for p in layer.parameters()]
     layer(torch.randn(64, 3, 4, 4) * 100)  # a very different batch must not re-initialise
     for p, b in zip(layer.parameters(), before, strict=True):
@@ -172,7 +173,7 @@ def test_additive_coupling_logdet_is_exactly_zero_and_shift_only():
 
 def test_coupling_variants_differ_only_in_nn_head():
     affine, additive = AffineCoupling(4, 8), AdditiveCoupling(4, 8)
-    assert affine.nn[-1].conv.out_channels == 4 and additive.nn[-1].conv.out_channels == 2
+    assert affine.nn[-1].out_channels == 4 and additive.nn[-1].out_channels == 2
     assert type(additive).forward is AffineCoupling.forward
 
 
@@ -181,7 +182,7 @@ def test_zero_conv_starts_at_zero_and_scales_by_exp_3_logs():
     x = torch.randn(2, 2, 4, 4)
     assert torch.equal(conv(x), torch.zeros(2, 3, 4, 4))
     with torch.no_grad():
-        conv.conv.bias.fill_(1.0)
+        conv.bias.fill_(1.0)
         conv.logs.fill_(0.5)
     torch.testing.assert_close(conv(x), torch.full((2, 3, 4, 4), math.exp(1.5)))
 
@@ -234,3 +235,44 @@ def test_top_prior_is_standard_normal_at_init_and_learned_after():
     _perturb(prior)
     torch.testing.assert_close(prior.log_prob(z), _normal_log_prob(z, prior.mean, prior.logs))
     assert prior.sample(5, 0.5).shape == (5, 2, 2, 2)
+
+
+def _edge_conv_by_definition(x, weight, edge_weight, bias=None):
+    """openai/glow's edge padding, written out: pad x with zeros, concatenate a channel
+    that is 1 on the padded border, convolve 'valid' with [weight | edge_weight]."""
+    pad = weight.shape[-1] // 2
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    ring = torch.ones_like(xp[:, :1])
+    ring[:, :, pad:-pad, pad:-pad] = 0
+    return torch.nn.functional.conv2d(torch.cat([xp, ring], 1), torch.cat([weight, edge_weight], 1), bias)
+
+
+def test_zero_conv_edge_channel_equals_the_concatenated_border_channel():
+    torch.manual_seed(0)
+    conv = ZeroConv2d(3, 4, edge_bias=True).double()
+    _perturb(conv)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    expected = _edge_conv_by_definition(x, conv.weight, conv.edge_weight, conv.bias)
+    torch.testing.assert_close(conv(x), expected * torch.exp(3 * conv.logs))
+
+
+@pytest.mark.parametrize("edge", [False, True])
+def test_actnorm_conv_is_conv_then_actnorm_in_one_convolution(edge):
+    """ActNormConv2d == conv (no bias) -> ActNorm, the ActNorm initialised on the first
+    batch to zero mean / unit variance per output channel, then free parameters."""
+    torch.manual_seed(0)
+    conv = ActNormConv2d(3, 5, 3, edge_bias=edge).double()
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64) * 2 + 1
+    y = conv(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(5, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3), correction=0), torch.ones(5, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    _perturb(conv)
+    edge_w = conv.edge_weight if edge else torch.zeros(5, 1, 3, 3, dtype=torch.float64)
+    plain = _edge_conv_by_definition(x, conv.weight, edge_w)
+    expected = (plain + conv.bias) * torch.exp(conv.logs * conv.logscale_factor)
+    torch.testing.assert_close(conv(x), expected)
+    conv.eval()
+    with torch.no_grad():  # the scoring cache of the folded weights gives the same numbers
+        torch.testing.assert_close(conv(x), expected)
+        torch.testing.assert_close(conv(x), expected)

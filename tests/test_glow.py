@@ -31,7 +31,7 @@ def _glow(shape, coupling="affine", seed=0, perturb=True) -> Glow:
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn_like(p))
     return model
 
 

@@ -185,7 +185,7 @@ def test_paper_form_is_the_literal_formula_on_one_level():
     rows = np.ones(4)
     for step in model.levels[0]:
         u = step["invconv"].weight().detach().numpy() * np.exp(
-            step["actnorm"].logs.detach().numpy().ravel())[None, :]
+            step["actnorm"].log_scale().detach().numpy().ravel())[None, :]
         rows *= u.sum(axis=1)
     dvar = squeeze_np(q.numpy()).var(0).sum((1, 2)) - squeeze_np(p.numpy()).var(0).sum((1, 2))
     want = -1 / (2 * np.exp(0.4)) * float(np.sum(rows**2 * dvar))

@@ -93,3 +93,56 @@ def test_glow_cv_refuses_affine_override(tiny_data, tmp_path):
     cfg.model, cfg.model_config = "glow-cv", {"coupling": "affine"}
     with pytest.raises(UserError, match="fixes coupling='additive'"):
         train_run(cfg, tmp_path / "c", runs_root=tmp_path, log=lambda m: None)
+
+
+def test_loss_scale_and_clip_norm_are_recorded(tiny_run):
+    rd = RunDir(tiny_run)
+    cfg = yaml.safe_load(rd.config.read_text())["train"]
+    assert cfg["loss_scale"] == "bits_per_dim" and cfg["max_grad_norm"] == 50.0
+    meta = read_metadata(rd.model)
+    assert meta["train.loss_scale"] == "bits_per_dim" and float(meta["train.max_grad_norm"]) == 50.0
+    history = pd.read_parquet(rd.metrics)
+    assert history["clipped_frac"].between(0, 1).all()
+
+
+def test_a_healthy_run_clips_few_steps_and_the_old_scale_clipped_most(tiny_data, tmp_path):
+    """The clip norm means the same on every image size only on the bits/dim scale: the
+    default run clips a minority of its steps; the same run on the nats scale (ood-audit
+    0.1's) clips nearly all of them, the bug this guards against."""
+    def clipped(scale: str) -> list[float]:
+        out = train_run(_cfg(tiny_data, epochs=2, lr=3e-3, limit=128, loss_scale=scale),
+                        tmp_path / scale, runs_root=tmp_path, log=lambda m: None)
+        return [r.clipped_frac for r in out.results]
+
+    assert max(clipped("bits_per_dim")) < 0.5
+    assert min(clipped("nats_per_image")) > 0.5
+
+
+def test_polyak_average_is_what_is_evaluated_checkpointed_and_resumed(tiny_data, tmp_path):
+    full = train_run(_cfg(tiny_data, ema_decay=0.9), tmp_path / "full", runs_root=tmp_path,
+                     log=lambda m: None)
+    plain = train_run(_cfg(tiny_data), tmp_path / "plain", runs_root=tmp_path, log=lambda m: None)
+    assert full.results[-1].test_bpd != plain.results[-1].test_bpd
+    train_run(_cfg(tiny_data, epochs=1, ema_decay=0.9), tmp_path / "half", runs_root=tmp_path,
+              log=lambda m: None)
+    resumed = train_run(_cfg(tiny_data), tmp_path / "half", resume=True, resume_epochs=2,
+                        runs_root=tmp_path, log=lambda m: None)
+    a, _ = load_checkpoint(RunDir(full.run_dir).model)
+    b, _ = load_checkpoint(RunDir(resumed.run_dir).model)
+    for (ka, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=ka)
+    # the checkpoint holds the average, not the last iterate the optimizer state holds
+    state = torch.load(RunDir(full.run_dir).train_state, weights_only=True)
+    raw = state["model"]
+    assert any(not torch.equal(raw[k], v) for k, v in a.state_dict().items() if v.is_floating_point())
+
+
+def test_a_run_from_before_the_loss_scale_resumes_on_its_own_scale(tiny_data, tmp_path):
+    train_run(_cfg(tiny_data, epochs=1), tmp_path / "old", runs_root=tmp_path, log=lambda m: None)
+    path = RunDir(tmp_path / "old").config
+    data = yaml.safe_load(path.read_text())
+    del data["train"]["loss_scale"]  # as ood-audit 0.1 wrote it
+    path.write_text(yaml.safe_dump(data))
+    out = train_run(None, tmp_path / "old", resume=True, resume_epochs=2, runs_root=tmp_path,
+                    log=lambda m: None)
+    assert out.config.train.loss_scale == "nats_per_image"

@@ -16,7 +16,7 @@ when both sets have mean x0. Three numbers estimate the right-hand side:
 - **closed form, paper** (glow-cv only): the paper's formula applied per level l of our
   multi-scale Glow, in the level's squeezed channel space,
   ``-1/(2 s_l^2) sum_{c factored out} (prod_k sum_j u_{k,c,j})^2 sum_{h,w} dvar_l[c,h,w]``
-  with u_k = W_k diag(exp(actnorm_logs_k)) (ActNorm is a diagonal 1x1 convolution the
+  with u_k = W_k diag(s_k), s_k the ActNorm scales (ActNorm is a diagonal 1x1 convolution the
   paper's CV-Glow has not got), dvar_l the per-position variance difference of the
   level's squeezed input under the linear part of the flow, c over the channels the level
   hands to its prior (z2 of a split; all at the top), and 1/s_l^2 the mean prior precision
@@ -159,7 +159,7 @@ def linear_levels(model: Glow, x: Tensor, affine: bool = True) -> list[LinearLev
         u = z
         for step in steps:
             an, conv = step["actnorm"], step["invconv"]
-            z = (z + an.bias.to(z.dtype) if affine else z) * torch.exp(an.logs.to(z.dtype))
+            z = (z + an.bias.to(z.dtype) if affine else z) * torch.exp(an.log_scale().to(z.dtype))
             c = z.shape[1]
             z = F.conv2d(z, conv.weight().to(z.dtype).view(c, c, 1, 1))
         if i < last:
@@ -236,7 +236,7 @@ def paper_curvature(model: Glow, x0: Tensor) -> list[tuple[Tensor, float, int]]:
                               device=prec.device)
             for step in steps:
                 u = step["invconv"].weight().double() * torch.exp(
-                    step["actnorm"].logs.double().flatten())[None, :]  # W diag(exp(logs))
+                    step["actnorm"].log_scale().double().flatten())[None, :]  # W diag(exp(logs))
                 rows = rows * u.sum(1)
             first = prior.c1 if hasattr(prior, "c1") else 0
             out.append((rows.cpu() ** 2, float(prec.double().mean()), first))

@@ -44,17 +44,18 @@ class RichTrainProgress(TrainProgress):
             return
         self.bar = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[bpd]} bits/dim  {task.fields[rate]} img/s"),
+            TextColumn("{task.fields[bpd]} bits/dim  {task.fields[rate]} img/s  "
+                       "{task.fields[clipped]} clipped"),
             TimeRemainingColumn(), console=err, transient=True,
         )
         self.bar.start()
         self.task = self.bar.add_task("train", total=n_batches, completed=start_batch,
-                                      bpd="-", rate="-")
+                                      bpd="-", rate="-", clipped="-")
 
-    def batch(self, batch, train_bpd, images_per_s):
+    def batch(self, batch, train_bpd, images_per_s, clipped_frac=0.0):
         if self.bar is not None:
             self.bar.update(self.task, completed=batch, bpd=f"{train_bpd:.3f}",
-                            rate=f"{images_per_s:.0f}")
+                            rate=f"{images_per_s:.0f}", clipped=f"{clipped_frac:.0%}")
 
     def epoch_end(self, result: EpochResult):
         if self.bar is not None:
@@ -63,8 +64,8 @@ class RichTrainProgress(TrainProgress):
         err.print(
             f"epoch {result.epoch}: train {result.train_bpd:.3f} bits/dim, test "
             f"{result.test_bpd:.3f} bits/dim, {result.images_per_s:.0f} img/s, "
-            f"{result.seconds:.0f} s" + (f", {result.nan_skips} skipped steps"
-                                         if result.nan_skips else ""),
+            f"{result.seconds:.0f} s, {result.clipped_frac:.0%} of steps clipped"
+            + (f", {result.nan_skips} skipped steps" if result.nan_skips else ""),
             highlight=False,
         )
 

@@ -6,6 +6,33 @@ is a column per term.
 Architecture: for level ``i`` in ``0..L-1``: Squeeze; ``K`` steps of ActNorm ->
 InvConv1x1 -> coupling; then a :class:`SplitPrior` (``i < L-1``) or the learned
 :class:`TopPrior` (last level). ``coupling="additive"`` gives the paper's CV-Glow.
+
+Checked against openai/glow (``model.py``, ``tfops.py``), layer by layer:
+
+- as openai/glow: input ``x - 0.5`` of x = (k + u) / 256; the squeeze's channel order;
+  ActNorm (bias, then scale; log-scale stored divided by 3, ``logscale_factor``; data
+  init on 256 images to zero mean and unit variance); the coupling network ``f``
+  (conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-init conv3x3 with a
+  ``exp(3 logs)`` scale; hidden convs without biases, ``N(0, 0.05)`` weights); the
+  coupling (first half conditions the second; shift ``h[:, 0::2]``, scale
+  ``sigmoid(h[:, 1::2] + 2)``); the split (first half kept; prior from a zero-init conv
+  on it, mean ``h[:, 0::2]``, log-scale ``h[:, 1::2]``); the random orthogonal init of
+  the 1x1 convolutions; Polyak averaging of the weights (``train.ema_decay``).
+
+Deliberate departures, each with its reason:
+
+- **LU-parameterised 1x1 convolution** (openai/glow's default is the plain W with a
+  float64 log-determinant; the LU form is the paper's section 3.2 option and y0ast's
+  default): log|det| in O(C), no determinant per step, the same function class.
+- **Top prior with a mean and log-scale per position** (openai/glow: a zero-init conv of
+  zeros, i.e. per channel plus a border term): a superset, so the priors of openai/glow,
+  y0ast's port (per channel) and rosinality's (computed from padding) all convert
+  exactly (:mod:`.glow_convert`); 2 x C x H x W parameters, 784 at the top of a 28x28
+  Glow.
+- **Edge channel off by default** (``edge_bias``; openai/glow has it on): measured no
+  better at our budgets (``benchmarks/README.md``) and it costs an extra pass over the
+  first hidden activation; on for rosinality imports, whose "pad with 1" convs it holds.
+- **Adam, not Adamax**, the optimiser the issue's budget and both PyTorch ports use.
 """
 
 from __future__ import annotations
@@ -49,8 +76,14 @@ class GlowConfig:
     steps: int = 32
     hidden: int = 512
     coupling: str = "affine"
+    #: openai/glow's edge channel in the 3x3 convolutions (``tfops.add_edge_padding``)
+    edge_bias: bool = False
+    #: ActNorm log-scales are stored divided by this (openai/glow: 3; y0ast's port: 1)
+    actnorm_logscale: float = 3.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.actnorm_logscale, (int, float)) and self.actnorm_logscale > 0):
+            raise ValueError(f"glow actnorm_logscale must be positive, got {self.actnorm_logscale!r}")
         for name in ("levels", "steps", "hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -133,14 +166,15 @@ class Glow(DensityModel):
             c, h, w = c * 4, h // 2, w // 2
             self.levels.append(nn.ModuleList(
                 nn.ModuleDict({
-                    "actnorm": ActNorm(c),
+                    "actnorm": ActNorm(c, config.actnorm_logscale),
                     "invconv": InvConv1x1(c),
-                    "coupling": coupling_cls(c, config.hidden),
+                    "coupling": coupling_cls(c, config.hidden, config.edge_bias,
+                                             config.actnorm_logscale),
                 })
                 for _ in range(config.steps)
             ))
             if i < config.levels - 1:
-                self.priors.append(SplitPrior(c))
+                self.priors.append(SplitPrior(c, config.edge_bias))
                 c = c // 2
             else:
                 self.priors.append(TopPrior(c, h, w))

@@ -16,6 +16,7 @@ from ..config import from_dict
 from ..errors import UserError
 from .base import DensityModel
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
+from .glow_convert import GLOW_ARCH, upgrade_arch1
 from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
 from .vae import VAE, VAE_PRESETS, VAEConfig
 
@@ -31,6 +32,12 @@ class ModelSpec:
     #: (config, input_shape) -> (config fitted to the shape, note or None)
     fit: Callable[[Any, tuple[int, int, int]], tuple[Any, str | None]] = lambda c, s: (c, None)
     build: Callable[[Any, tuple[int, int, int]], DensityModel] = None  # type: ignore[assignment]
+    #: architecture version written into checkpoints (metadata ``arch``); bumped when the
+    #: same config builds other layers, so an older checkpoint is upgraded or refused
+    arch: int = 1
+    #: (config, state dict, input shape, where) of an arch-1 checkpoint -> today's
+    #: (config, state dict) computing the same function; None: older ones are refused
+    upgrade: Callable[..., tuple[Any, dict]] | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -42,6 +49,8 @@ MODELS: dict[str, ModelSpec] = {
         fixed={"coupling": "affine"},
         fit=fit_levels,
         build=Glow,
+        arch=GLOW_ARCH,
+        upgrade=upgrade_arch1,
     ),
     "glow-cv": ModelSpec(
         name="glow-cv",
@@ -51,6 +60,8 @@ MODELS: dict[str, ModelSpec] = {
         fixed={"coupling": "additive"},
         fit=fit_levels,
         build=Glow,
+        arch=GLOW_ARCH,
+        upgrade=upgrade_arch1,
     ),
     "vae": ModelSpec(
         name="vae",

@@ -59,6 +59,10 @@ def save_checkpoint(
         "preprocessing": PREPROCESSING,
         "epoch": str(epoch),
         "version": __version__,
+        "arch": str(get_spec(model_name).arch),
+        # The training objective's scale and clip, for whoever compares runs.
+        "train.loss_scale": str(run_config.get("train", {}).get("loss_scale", "")),
+        "train.max_grad_norm": str(run_config.get("train", {}).get("max_grad_norm", "")),
         **{f"model.{k}": v for k, v in model.extra_metadata().items()},
     }
     # safetensors wants contiguous tensors that share no storage.
@@ -121,15 +125,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Den
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: damaged checkpoint metadata ({_short(exc)})") from None
     try:
-        model = build_model(name, model_config, input_shape)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: its metadata does not describe a buildable {name} model "
-                        f"({_short(exc)})") from None
-    try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable safetensors checkpoint ({_short(exc)}); "
                         "it may be truncated: retrain or resume") from None
+    model_config, state = _upgrade(path, spec, meta, model_config, state, input_shape)
+    try:
+        model = build_model(name, model_config, input_shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: its metadata does not describe a buildable {name} model "
+                        f"({_short(exc)})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -142,6 +147,29 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Den
         version=meta.get("version", ""), sha256=file_sha256(path),
     )
     return model, info
+
+
+def checkpoint_arch(meta: dict[str, str]) -> int:
+    """The architecture version a checkpoint was written with (1 before the key existed)."""
+    try:
+        return int(meta.get("arch", "1"))
+    except ValueError:
+        return 0
+
+
+def _upgrade(path: Path, spec, meta: dict[str, str], config: Any, state: dict,
+             input_shape: tuple) -> tuple[Any, dict]:
+    """An older architecture's checkpoint as today's layers, or a one-line refusal."""
+    arch = checkpoint_arch(meta)
+    if arch == spec.arch:
+        return config, state
+    if arch > spec.arch or arch < 1:
+        raise UserError(f"{path} holds {spec.name} architecture {meta.get('arch')!r}, newer than "
+                        f"this ood-audit {__version__} reads ({spec.arch}); upgrade ood-audit")
+    if spec.upgrade is None or arch != 1:
+        raise UserError(f"{path} predates this ood-audit's {spec.name} architecture "
+                        f"({arch} < {spec.arch}) and cannot be converted; retrain it")
+    return spec.upgrade(config, state, input_shape, str(path))
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -16,7 +16,7 @@ from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
 from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
-from .checkpoint import read_metadata
+from .checkpoint import checkpoint_arch, read_metadata
 from .trainer import EpochResult, Trainer, TrainProgress, pick_device
 
 
@@ -99,6 +99,9 @@ def _prepare(config: RunConfig | None, out: Path | None, resume: bool, resume_ep
         refuse_if_locked(rd)
         _check_resumable(rd)
         config = load_run_config(rd.config)
+        _check_same_arch(rd, config)
+        if "loss_scale" not in (load_yaml(rd.config).get("train") or {}):
+            config.train.loss_scale = "nats_per_image"  # written before 0.2: keep its loss
         if resume_epochs is not None:
             config.train.epochs = resume_epochs
     else:
@@ -219,6 +222,22 @@ def _check_resumable(rd: RunDir) -> None:
     if not rd.train_state.exists() and _checkpoint_epoch(rd.model) > 1:
         raise UserError(f"{rd.root} has model.safetensors but no train_state.pt, so it cannot "
                         "continue exactly: score it as it is, or start a new run")
+
+
+def _check_same_arch(rd: RunDir, config: RunConfig) -> None:
+    """A run whose checkpoint predates today's architecture of its model loads for
+    scoring (upgraded), but its optimizer state belongs to the old layers: no resume."""
+    if config.model not in MODELS or not rd.model.exists():
+        return
+    try:
+        arch = checkpoint_arch(read_metadata(rd.model))
+    except UserError:
+        return  # the resume itself says what is wrong with the file
+    spec = get_spec(config.model)
+    if arch != spec.arch:
+        raise UserError(f"{rd.root} was trained with an older {config.model} architecture "
+                        f"({arch}; this ood-audit trains {spec.arch}): it scores as it is "
+                        "(ood-audit score) but cannot be resumed; start a new run")
 
 
 def _checkpoint_epoch(path: Path) -> int:

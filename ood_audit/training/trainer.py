@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import RunConfig, keep_every
 from ..data import ImageSet, bits_per_dim, dequantize
@@ -64,6 +65,7 @@ class EpochResult:
     images_per_s: float
     nan_skips: int
     lr: float
+    clipped_frac: float = 0.0  # share of this epoch's steps whose gradient norm was clipped
 
 
 @dataclass
@@ -110,8 +112,10 @@ class TrainProgress:
     def epoch_start(self, epoch: int, epochs: int, n_batches: int, start_batch: int) -> None:
         """Epoch ``epoch`` (0-based) starts at ``start_batch`` (non-zero after a resume)."""
 
-    def batch(self, batch: int, train_bpd: float, images_per_s: float) -> None:
-        """Batch ``batch`` (1-based) of the current epoch is done."""
+    def batch(self, batch: int, train_bpd: float, images_per_s: float,
+              clipped_frac: float = 0.0) -> None:
+        """Batch ``batch`` (1-based) of the current epoch is done; ``clipped_frac`` is the
+        share of the epoch's steps so far whose gradient was clipped."""
 
     def epoch_end(self, result: EpochResult) -> None:
         """An epoch finished and its checkpoint is on disk."""
@@ -183,6 +187,10 @@ class Trainer:
         self.progress = (progress if self.dist.is_main else None) or TrainProgress()
         self._ddp: torch.nn.Module | None = None  # built in fit(), after init or resume
         self.n_dims = math.prod(train_set.shape)
+        # The loss is minimised and clipped on cfg.loss_scale; progress and metrics report
+        # bits/dim whatever it is.
+        self.loss_factor = (1.0 / (self.n_dims * math.log(2.0))
+                            if self.cfg.loss_scale == "bits_per_dim" else 1.0)
         # fused: one kernel over all parameters instead of ~10 small ops per tensor (Adam's
         # step cost 2-4x less on CPU); the same update up to float rounding.
         self.optimizer = torch.optim.Adam(
@@ -194,6 +202,16 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )
         self.state = TrainState()
+        # Polyak averaging (openai/glow's optim.polyak): the averaged copy is what epochs
+        # evaluate and checkpoints hold; the raw weights go on training.
+        self.ema: AveragedModel | None = None
+        if self.cfg.ema_decay > 0:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay))
+
+    @property
+    def averaged(self) -> DensityModel:
+        """The model epochs evaluate and checkpoint: the Polyak average, or the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     # ----------------------------------------------------------------- state
     def save_state(self) -> None:
@@ -210,6 +228,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "model": self.model.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "state": dataclasses.asdict(self.state),
             "rng": {"torch": torch.get_rng_state()},
         }
@@ -226,6 +245,8 @@ class Trainer:
             if not isinstance(payload, dict):
                 raise TypeError(f"holds a {type(payload).__name__}, not a training state")
             self.model.load_state_dict(payload["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(payload["ema"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
             state = TrainState(**payload["state"])
@@ -254,6 +275,8 @@ class Trainer:
         x = dequantize(self.train_set.images[idx], seeded(self.cfg.seed, -2)).to(self.device)
         self.model.train()
         self.model.data_init(x)
+        if self.ema is not None:  # the average starts from the initialised weights
+            self.ema.load_state_dict(AveragedModel(self.model).state_dict())
 
     def fit(self) -> list[EpochResult]:
         cfg, st, d = self.cfg, self.state, self.dist
@@ -263,7 +286,7 @@ class Trainer:
             self._ddp = wrap_ddp(self.model, d)
         with StopFlag() as stop:
             while st.epoch < cfg.epochs:
-                t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+                t0, seen, loss_sum, clipped, steps = time.perf_counter(), 0, 0.0, 0, 0
                 perm = torch.randperm(len(self.train_set), generator=seeded(cfg.seed, st.epoch))
                 self.progress.epoch_start(st.epoch, cfg.epochs, n_batches, st.batch)
                 self.model.train()
@@ -279,12 +302,14 @@ class Trainer:
                         x = x[rank_slice(n_global, d.world, d.rank)]
                         torch.manual_seed(seeded(cfg.seed, st.epoch, st.batch, RANK_RNG_KEY,
                                                  d.rank).initial_seed())
-                    ok, loss, stopping = self._step(x.to(self.device), n_global,
-                                                     stop.signal is not None)
+                    ok, loss, was_clipped, stopping = self._step(x.to(self.device), n_global,
+                                                                 stop.signal is not None)
                     st.batch += 1
                     if ok:
                         st.bad_run = 0
                         st.step += 1
+                        steps += 1
+                        clipped += was_clipped
                         seen += n_global
                         loss_sum += loss * n_global
                     else:
@@ -294,7 +319,8 @@ class Trainer:
                             d.barrier()  # no rank leaves first: torchrun would kill the rest
                             raise self._diverged(f"{st.bad_run} non-finite steps in a row")
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    self.progress.batch(st.batch, self._bpd(loss_sum / max(seen, 1)), rate)
+                    self.progress.batch(st.batch, self._bpd(loss_sum / max(seen, 1)), rate,
+                                        clipped / max(steps, 1))
                     # one process also stops for a signal that came during the step; ranks
                     # of DDP only on the all-reduced flag, so they stop at the same step
                     stopping = stopping or (not d.distributed and stop.signal is not None)
@@ -315,13 +341,14 @@ class Trainer:
                 if not self._weights_finite():  # never overwrite a good checkpoint with NaN
                     d.barrier()  # weights are equal on all ranks, so all raise here
                     raise self._diverged("the weights hold NaN or inf")
-                test_bpd = evaluate_bpd(self.model, self.test_set.images, cfg.batch_size * 2,
+                test_bpd = evaluate_bpd(self.averaged, self.test_set.images, cfg.batch_size * 2,
                                         self.device, cfg.seed, d)
                 result = EpochResult(
                     epoch=st.epoch + 1, step=st.step,
                     train_bpd=self._bpd(loss_sum / max(seen, 1)), test_bpd=test_bpd,
                     seconds=seconds, images_per_s=seen / max(seconds, 1e-9),
                     nan_skips=st.nan_skips, lr=self.optimizer.param_groups[0]["lr"],
+                    clipped_frac=clipped / max(steps, 1),
                 )
                 st.history.append(dataclasses.asdict(result))
                 st.epoch += 1
@@ -331,39 +358,44 @@ class Trainer:
                 results.append(result)
         return results
 
-    def _step(self, x: torch.Tensor, n_global: int, stop: bool) -> tuple[bool, float, bool]:
+    def _step(self, x: torch.Tensor, n_global: int,
+              stop: bool) -> tuple[bool, float, bool, bool]:
         """One optimizer step on ``x`` (this rank's share of a global batch of ``n_global``).
 
-        Returns (ok, mean loss of the global batch, stop). A non-finite loss or gradient
-        skips the step (ok False); under DDP that decision and ``stop`` are all-reduced,
-        so every rank takes the same one.
+        Returns (ok, mean loss of the global batch in nats, clipped, stop). The gradient is
+        that of the loss on ``cfg.loss_scale``, clipped at ``cfg.max_grad_norm`` on that
+        scale. A non-finite loss or gradient skips the step (ok False); under DDP that
+        decision and ``stop`` are all-reduced, so every rank takes the same one.
         """
         self.optimizer.zero_grad(set_to_none=True)
         if self._ddp is None:
-            loss = self.model.training_loss(x).mean()
-            mean, finite = float(loss.detach()), bool(torch.isfinite(loss))
+            per = self.model.training_loss(x)  # [B] nats
+            loss = per.mean() * self.loss_factor
+            mean, finite = float(per.detach().mean()), bool(torch.isfinite(loss))
         else:
             per = self._ddp(x)  # [B_rank]
             # DDP averages gradients over ranks; weighting each rank's sum by world / n_global
             # makes that average the gradient of the global batch mean, also for the unequal
             # slices of a ragged last batch (weighted, not dropped: one process uses it too).
-            loss = per.sum() * (self.dist.world / n_global)
+            loss = per.sum() * (self.dist.world / n_global * self.loss_factor)
             mean, _, finite, stop = step_stats(self.dist, per.detach().sum(), len(x), stop)
         if not finite:
-            return False, float("nan"), stop
+            return False, float("nan"), False, stop
         loss.backward()
         # gradients are equal on every rank after DDP's all-reduce, so is this decision
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return False, float("nan"), stop
+            return False, float("nan"), False, stop
         self.optimizer.step()
         self.scheduler.step()
-        return True, mean, stop
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return True, mean, bool(grad_norm > self.cfg.max_grad_norm), stop
 
     def _weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
-                   if t.is_floating_point())
+        return all(bool(torch.isfinite(t).all()) for m in {self.model, self.averaged}
+                   for t in m.state_dict().values() if t.is_floating_point())
 
     def _diverged(self, why: str) -> TrainingDiverged:
         """The error that stops training; nothing of the bad epoch is saved."""
@@ -386,7 +418,7 @@ class Trainer:
         every = keep_every(self.cfg.keep_checkpoints)
         epoch_path = self.rd.epoch_checkpoint(result.epoch)
         save_checkpoint(
-            epoch_path, self.model, model_name=self.model_name, model_config=self.model_config,
+            epoch_path, self.averaged, model_name=self.model_name, model_config=self.model_config,
             run_config=dataclasses.asdict(self.run), dataset=self.run.data, epoch=result.epoch,
         )
         link_or_copy(epoch_path, self.rd.model)

@@ -94,33 +94,48 @@ class FlowLayer(nn.Module):
         raise NotImplementedError  # abstract
 
 
-class ActNorm(FlowLayer):
-    """Per-channel affine ``z = (x + bias) * exp(logs)`` (Glow, section 3.1).
+def actnorm_init(y: Tensor, logscale_factor: float) -> tuple[Tensor, Tensor]:
+    """ActNorm's data-dependent init from a batch ``y [B, C, H, W]``: ``(bias, logs)``, each
+    ``[1, C, 1, 1]``, so that ``(y + bias) * exp(logs * logscale_factor)`` has zero mean and
+    unit variance per channel (Glow, section 3.1; ``1e-6`` guards a constant channel)."""
+    mean = y.mean(dim=(0, 2, 3), keepdim=True)
+    std = y.std(dim=(0, 2, 3), keepdim=True, correction=0)
+    return -mean, -torch.log(std + 1e-6) / logscale_factor
 
-    Data-dependent init: the first ``forward`` while ``initialized == 0`` sets
-    ``bias = -mean`` and ``logs = -log(std + 1e-6)`` per channel, so that batch leaves with
-    zero mean and unit variance. ``initialized`` is a registered buffer, so it travels
-    with ``state_dict``/safetensors and a reloaded model is never re-initialised.
-    ``logabsdet = H * W * sum(logs)``.
+
+class ActNorm(FlowLayer):
+    """Per-channel affine ``z = (x + bias) * exp(logs * logscale_factor)`` (Glow, section 3.1).
+
+    Data-dependent init: the first ``forward`` while ``initialized == 0`` sets the bias and
+    log-scale so that batch leaves with zero mean and unit variance per channel
+    (:func:`actnorm_init`). ``initialized`` is a registered buffer, so it travels with
+    ``state_dict``/safetensors and a reloaded model is never re-initialised.
+    ``logscale_factor`` is openai/glow's (3): the stored ``logs`` is a third of the
+    log-scale, so Adam moves the scale three times faster (Adam's step does not depend on
+    the gradient's size). ``logabsdet = H * W * sum(logs) * logscale_factor``.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, logscale_factor: float = 3.0):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logscale_factor = float(logscale_factor)
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set bias and log-scale from the batch ``x`` and mark the layer initialised."""
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
-        self.bias.copy_(-mean)
-        self.logs.copy_(-torch.log(std + 1e-6))
+        bias, logs = actnorm_init(x, self.logscale_factor)
+        self.bias.copy_(bias)
+        self.logs.copy_(logs)
         self.initialized.fill_(True)
 
+    def log_scale(self) -> Tensor:
+        """The per-channel log-scale ``[1, C, 1, 1]`` actually applied."""
+        return self.logs * self.logscale_factor
+
     def _logabsdet(self, x: Tensor) -> Tensor:
-        log_det = cached(self, "logdet", (self.logs,), self.logs.sum)
+        log_det = cached(self, "logdet", (self.logs,), lambda: self.log_scale().sum())
         return _per_sample(x.shape[2] * x.shape[3] * log_det, x.shape[0])
 
     def _is_initialized(self) -> bool:
@@ -132,11 +147,99 @@ class ActNorm(FlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not self._is_initialized():
             self.initialize(x)
-        scale = cached(self, "scale", (self.logs,), lambda: torch.exp(self.logs))
+        scale = cached(self, "scale", (self.logs,), lambda: torch.exp(self.log_scale()))
         return (x + self.bias) * scale, self._logabsdet(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return z * torch.exp(-self.logs) - self.bias, -self._logabsdet(z)
+        return z * torch.exp(-self.log_scale()) - self.bias, -self._logabsdet(z)
+
+
+def edge_mask(height: int, width: int, pad: int, like: Tensor) -> Tensor:
+    """``[1, 1, H + 2 pad, W + 2 pad]``: 1 on the ``pad``-wide border a "same" convolution
+    pads with, 0 over the image (openai/glow's ``add_edge_padding`` channel)."""
+    inside = torch.ones(1, 1, height, width, dtype=like.dtype, device=like.device)
+    return 1.0 - F.pad(inside, (pad, pad, pad, pad))
+
+
+class EdgeConv2d(nn.Module):
+    """A "same" ``k x k`` convolution with openai/glow's edge bias: an extra input channel
+    that is 1 where the kernel reaches into the zero padding and 0 over the image, so a
+    layer can tell a border pixel from a dark one (``tfops.add_edge_padding``).
+
+    Computed as the plain zero-padded convolution plus a ``[1, out, H, W]`` map that
+    depends on the weights alone (:meth:`edge_term`), never by concatenating the channel:
+    the same function, without copying the input. ``edge_weight [out, 1, k, k]`` is that
+    channel's kernel; ``edge_bias=False`` leaves it out (y0ast's port).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, edge_bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.padding = kernel_size // 2
+        self.edge_weight = (nn.Parameter(torch.zeros(out_channels, 1, kernel_size, kernel_size))
+                            if edge_bias and kernel_size > 1 else None)
+
+    def edge_term(self, x: Tensor) -> Tensor | None:
+        """``[1, out, H, W]``: the edge channel's contribution for ``x``'s H and W, or None."""
+        if self.edge_weight is None:
+            return None
+        h, w = x.shape[2], x.shape[3]
+
+        def compute() -> Tensor:
+            mask = edge_mask(h, w, self.padding, self.edge_weight)
+            return F.conv2d(mask, self.edge_weight)
+        return cached(self, f"edge{h}x{w}", (self.edge_weight,), compute)
+
+
+class ActNormConv2d(EdgeConv2d):
+    """openai/glow's hidden convolution: conv (no bias) -> ActNorm, run as ONE convolution.
+
+    ``y = (conv(x, weight) + edge + bias) * exp(logs * logscale_factor)`` per output
+    channel, computed as ``conv(x, weight * s) + (edge + bias) * s`` with ``s`` the scale:
+    the ActNorm costs a ``[out]``-sized multiply of the weights instead of two passes over
+    a ``[B, out, H, W]`` activation. Data-dependent init (Glow, section 3.1) on the first
+    batch, as :class:`ActNorm`. The ActNorm here has no log-det: it sits inside a coupling
+    network, not in the flow. Weights start as ``N(0, 0.05)`` (openai/glow's
+    ``default_initializer``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 edge_bias: bool = False, logscale_factor: float = 3.0):
+        super().__init__(in_channels, out_channels, kernel_size, edge_bias)
+        nn.init.normal_(self.weight, std=0.05)
+        self.bias = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+        self.logscale_factor = float(logscale_factor)
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _plain(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x, self.weight, padding=self.padding)
+        edge = self.edge_term(x)
+        return y if edge is None else y + edge
+
+    def _is_initialized(self) -> bool:
+        if torch.compiler.is_compiling():
+            return True
+        return cached(self, "initialized", (self.initialized,), lambda: bool(self.initialized))
+
+    def _fused(self) -> tuple[Tensor, Tensor]:
+        """(the conv weight with the scale folded in, the scale ``[1, out, 1, 1]``)."""
+        scale = torch.exp(self.logs * self.logscale_factor)
+        return self.weight * scale.view(-1, 1, 1, 1), scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._is_initialized():
+            with torch.no_grad():
+                bias, logs = actnorm_init(self._plain(x), self.logscale_factor)
+                self.bias.copy_(bias)
+                self.logs.copy_(logs)
+                self.initialized.fill_(True)
+        weight, scale = cached(self, "fused", (self.weight, self.logs), self._fused)
+        edge = self.edge_term(x)
+        if edge is None:
+            bias = cached(self, "bias", (self.bias, self.logs), lambda: (self.bias * scale).view(-1))
+            return F.conv2d(x, weight, bias, padding=self.padding)
+        return F.conv2d(x, weight, padding=self.padding) + (edge + self.bias) * scale
 
 
 class InvConv1x1(FlowLayer):
@@ -213,22 +316,28 @@ class InvConv1x1(FlowLayer):
         return self._conv(z, "weight_inverse", self.weight_inverse), -self._logabsdet(z)
 
 
-class ZeroConv2d(nn.Module):
+class ZeroConv2d(EdgeConv2d):
     """3x3 conv with zero-initialised weights and bias and a learned per-channel
-    log-scale multiplied by 3 (Glow's ``Conv2dZeros``): starts as the zero map, so
-    couplings start as identity and priors as standard normal."""
+    log-scale multiplied by 3 (openai/glow's ``conv2d_zeros``, edge bias included when
+    ``edge_bias``): starts as the zero map, so couplings start as the identity and priors
+    as standard normal."""
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+    def __init__(self, in_channels: int, out_channels: int, edge_bias: bool = False):
+        super().__init__(in_channels, out_channels, 3, edge_bias)
+        nn.init.zeros_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: Tensor) -> Tensor:
-        # The factor 3 lets the scale move faster than plain SGD on logs would (Glow code).
+        # The factor 3 lets the scale move faster than plain Adam steps on logs would (Glow code).
         scale = cached(self, "scale", (self.logs,), lambda: torch.exp(self.logs * 3.0))
-        return self.conv(x) * scale
+        y = F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        edge = self.edge_term(x)
+        return (y if edge is None else y + edge) * scale
 
 
 class AffineCoupling(FlowLayer):
@@ -241,10 +350,13 @@ class AffineCoupling(FlowLayer):
     code: shift = ``h[:, 0::2]``, raw scale = ``h[:, 1::2]``.
     ``logabsdet = sum over C, H, W of log_scale``.
 
-    NN = Conv3x3(ca -> hidden) -> ReLU -> Conv1x1(hidden -> hidden) -> ReLU ->
-    :class:`ZeroConv2d` (hidden -> ``params_per_channel * cb``), so the layer starts
-    close to identity. The ReLUs work in place: the convs' backward needs their inputs,
-    not their outputs, and a fresh hidden-sized tensor per ReLU costs as much as the ReLU.
+    NN is openai/glow's ``f``: Conv3x3(ca -> hidden) -> ActNorm -> ReLU -> Conv1x1(hidden
+    -> hidden) -> ActNorm -> ReLU -> :class:`ZeroConv2d` (hidden -> ``params_per_channel *
+    cb``), the convs without biases (ActNorm's bias serves) and each conv + ActNorm run as
+    one convolution (:class:`ActNormConv2d`); the zero conv makes the layer start as the
+    identity. ``edge_bias`` gives the 3x3 convs openai/glow's edge channel. The ReLUs work
+    in place: the convs' backward needs their inputs, not their outputs, and a fresh
+    hidden-sized tensor per ReLU costs as much as the ReLU.
 
     ``bf16 = True`` (the ``bf16`` fast path) runs NN under bfloat16 autocast; its output is
     cast back to x's dtype before the affine map, so the shift, the scale and the log-det
@@ -256,23 +368,20 @@ class AffineCoupling(FlowLayer):
     #: run NN in bfloat16 (autocast); everything after it stays in x's dtype
     bf16: bool = False
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, edge_bias: bool = False,
+                 logscale_factor: float = 3.0):
         super().__init__()
         if channels < 2:
             raise ValueError(f"coupling needs at least 2 channels, got {channels}")
         self.ca = channels // 2
         cb = channels - self.ca
         self.nn = nn.Sequential(
-            nn.Conv2d(self.ca, hidden, kernel_size=3, padding=1),
+            ActNormConv2d(self.ca, hidden, 3, edge_bias, logscale_factor),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, kernel_size=1),
+            ActNormConv2d(hidden, hidden, 1, False, logscale_factor),
             nn.ReLU(inplace=True),
-            ZeroConv2d(hidden, self.params_per_channel * cb),
+            ZeroConv2d(hidden, self.params_per_channel * cb, edge_bias),
         )
-        for conv in (self.nn[0], self.nn[2]):
-            # Glow initialises hidden convs with N(0, 0.05) and zero bias.
-            nn.init.normal_(conv.weight, std=0.05)
-            nn.init.zeros_(conv.bias)
 
     def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(shift, log_scale)`` from the NN output; the one method variants override."""
@@ -343,10 +452,10 @@ class SplitPrior(nn.Module):
     At init the prior is standard normal.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, edge_bias: bool = False):
         super().__init__()
         self.c1 = channels // 2
-        self.conv = ZeroConv2d(self.c1, 2 * (channels - self.c1))
+        self.conv = ZeroConv2d(self.c1, 2 * (channels - self.c1), edge_bias)
 
     def _mean_logs(self, z1: Tensor) -> tuple[Tensor, Tensor]:
         h = self.conv(z1)
