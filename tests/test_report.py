@@ -18,8 +18,9 @@ from ood_audit.analysis.detectors import detector_scores
 from ood_audit.analysis.metrics import ood_metrics
 from ood_audit.cli.report_cmd import report as report_cmd
 from ood_audit.errors import GateFailed, UserError
-from ood_audit.report.build import append_step_summary, build_report
+from ood_audit.report.build import analyse_run, append_step_summary, build_report
 from ood_audit.report.gates import evaluate_gates, parse_gate, write_junit
+from ood_audit.report.plots import OVERVIEW_CLASSES, draw_auroc_overview, draw_roc_grid
 
 N_BOOT = 200
 
@@ -45,6 +46,18 @@ def _cli():
 
 def invoke(args, **kw):
     return CliRunner().invoke(_cli(), ["report", *args], terminal_width=200, **kw)
+
+
+@pytest.fixture
+def run3(tmp_path):
+    """A run with three detectors: likelihood and two precomputed score columns."""
+    df, terms = fake_frame(120)
+    rng = np.random.default_rng(5)
+    df["score_typicality"] = -np.abs(df["log_px"] - df["log_px"].mean())
+    df["score_complexity"] = df["log_px"] + rng.normal(0, 400, len(df))
+    rd = write_fake_run(tmp_path / "three", n=120)
+    write_scores(rd.scores, df, fake_meta(terms), scores=["score_typicality", "score_complexity"])
+    return rd
 
 
 class _Page(HTMLParser):
@@ -74,14 +87,14 @@ def test_report_files_html_is_self_contained(run, tmp_path):
     assert any(m.get("name") == "viewport" for m in page.meta)
     assert page.urls == []  # nothing fetched: no external src/href
     assert "script" not in page.tags and "link" not in page.tags
-    # hist + ROC + decomposition + training curve, each a real PNG.
-    assert len(page.imgs) == 4
+    # AUROC overview + hist + ROC grid + decomposition + training curve, each a real PNG.
+    assert len(page.imgs) == 5
     for src in page.imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = res.files["md"].read_text()
     links = [ln.split("](")[1].rstrip(")") for ln in md.splitlines() if ln.startswith("![")]
-    assert len(links) == 4
+    assert len(links) == 5
     for link in links:
         assert (tmp_path / "out" / link).read_bytes()[:4] == b"\x89PNG"
 
@@ -297,3 +310,166 @@ def test_over_training_table_when_present(run, tmp_path):
     values = [c.strip() for c in epoch2.strip("|").split(" | ")]
     assert values[cells.index("mnist log\\|det\\|")] == "23.0"
     assert "Over training" in res.files["html"].read_text()
+
+
+# ------------------------------------------------------------------ figures and layout
+
+def test_roc_curves_are_one_grid_with_a_panel_per_detector(run3, tmp_path):
+    a = analyse_run(run3, "three", n_boot=0)
+    assert list(a.roc) == ["likelihood", "typicality", "complexity"]
+    fig = draw_roc_grid(a.roc, "t")
+    assert len(fig.axes) == 3  # the grid's spare cells are removed
+    aurocs = {(r["detector"], r["ood_set"]): r["auroc"] for r in a.section["metrics"]}
+    for ax, det in zip(fig.axes, a.roc, strict=True):
+        assert ax.get_title() == det
+        # shared unit scales
+        assert ax.get_xlim() == ax.get_ylim() == fig.axes[0].get_xlim()
+        assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 1
+        # chance diagonal first, then one curve per OOD set
+        diagonal = ax.lines[0]
+        assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [0, 1]
+        assert len(ax.lines) == 1 + len(a.roc[det])
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == [f"{s}  AUROC {aurocs[(det, s)]:.3f}" for s, *_ in a.roc[det]]
+    res = build_report([run3], tmp_path / "out", n_boot=0)
+    pngs = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
+    assert [p for p in pngs if "roc" in p] == ["three-roc.png"]
+    page = res.files["html"].read_text()
+    assert page.count('alt="ROC curves, one panel per detector: likelihood, typicality, '
+                      'complexity"') == 1
+
+
+def _overview_texts(fig) -> dict[tuple[str, str], list[str]]:
+    """(panel title, row label) -> the value texts beside that row's dot."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        for t in ax.texts:
+            if (t.get_gid() or "").startswith("value:"):
+                out.setdefault((ax.get_title(), names[int(t.get_position()[1])]), []).append(t)
+    return out
+
+
+def test_overview_shows_every_detector_and_set_with_auroc_and_interval(run3):
+    rows = analyse_run(run3, "three", n_boot=N_BOOT, seed=1).section["metrics"]
+    fig = draw_auroc_overview(rows, "t")
+    sets = list(dict.fromkeys(r["ood_set"] for r in rows))
+    assert [ax.get_title() for ax in fig.axes] == [f"OOD set: {s}" for s in sets]
+    texts = _overview_texts(fig)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_yticklabels()] == [
+            "likelihood", "typicality", "complexity"]
+        assert any(list(ln.get_xdata()) == [0.5, 0.5] for ln in ax.lines)  # chance marked
+    for r in rows:
+        want = f"{r['auroc']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]"
+        cell = texts[(f"OOD set: {r['ood_set']}", r["detector"])]
+        assert len(cell) == 1 and cell[0].get_text().startswith(want), (r["ood_set"], want)
+        assert cell[0].get_text().endswith("(best)") == bool(r["best"])
+        assert (cell[0].get_fontweight() == "bold") == bool(r["best"])
+    for s in sets:  # each set marks exactly the detector(s) with its top AUROC
+        top = max(r["auroc"] for r in rows if r["ood_set"] == s)
+        best = [r["detector"] for r in rows if r["ood_set"] == s and r["best"]]
+        assert best == [r["detector"] for r in rows if r["ood_set"] == s and r["auroc"] == top]
+    colours = {c for _, c in OVERVIEW_CLASSES.values()}
+    dots = [ln for ax in fig.axes for ln in ax.lines if ln.get_marker() == "o"]
+    assert len(dots) == len(rows) and {d.get_color() for d in dots} <= colours
+
+
+def test_overview_names_runs_when_there_are_several(run, run_cv, tmp_path):
+    res = build_report([run, run_cv], tmp_path / "out", formats=["json"], n_boot=0)
+    fig = draw_auroc_overview(res.rows, "t")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["glow: likelihood", "glow-cv: likelihood"]
+    # n_boot=0 leaves no interval: the value alone, no "nan"
+    texts = _overview_texts(fig)
+    assert len(texts) == len(res.rows)
+    assert all("nan" not in t.get_text() and "[" not in t.get_text()
+               for ts in texts.values() for t in ts)
+
+
+class _Tables(HTMLParser):
+    """Each <table>: its class, whether a scrolling <div> holds it, headers, cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.divs, self.cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div":
+            self.divs.append(a.get("class", ""))
+        elif tag == "table":
+            self.tables.append({"class": a.get("class", ""), "in_scroll": self.divs[-1:] == ["scroll"],
+                                "headers": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th"):
+            self.cell = {"tag": tag, "text": "", "ci": ""}
+        elif tag == "span" and a.get("class") == "ci" and self.cell is not None:
+            self.cell["in_ci"] = True
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self.divs.pop()
+        elif tag in ("td", "th") and self.cell is not None:
+            t = self.tables[-1]
+            if self.cell["tag"] == "th":
+                t["headers"].append(self.cell["text"])
+            else:
+                t["rows"][-1].append((self.cell["text"], self.cell["ci"]))
+            self.cell = None
+        elif tag == "span" and self.cell is not None:
+            self.cell.pop("in_ci", None)
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell["ci" if self.cell.get("in_ci") else "text"] += data
+
+
+def test_html_metrics_fit_the_page_one_scrolling_table_per_ood_set(run3, tmp_path):
+    res = build_report([run3], tmp_path / "out", n_boot=N_BOOT)
+    page = res.files["html"].read_text()
+    css = page[page.index("<style>"):page.index("</style>")]
+    assert "overflow-x:auto" in css and "position:sticky" in css
+    parsed = _Tables()
+    parsed.feed(page)
+    assert all(t["in_scroll"] for t in parsed.tables)  # every table scrolls in its own box
+    metrics = [t for t in parsed.tables if t["class"] == "metrics"]
+    sets = list(dict.fromkeys(r["ood_set"] for r in res.rows))
+    assert len(metrics) == len(sets) == 2  # one run: the top tables only
+    for label, table in zip(sets, metrics, strict=True):
+        assert "OOD set" not in table["headers"] and "n in / OOD" not in table["headers"]
+        auroc = table["headers"].index("AUROC")
+        body = [r for r in table["rows"] if r]
+        rows = [r for r in res.rows if r["ood_set"] == label]
+        assert [c[0][0].removesuffix(" (best)") for c in body] == [r["detector"] for r in rows]
+        for cells, r in zip(body, rows, strict=True):
+            # the estimate, with its interval set apart beneath it
+            assert cells[auroc] == (f"{r['auroc']:.3f}",
+                                    f"{r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f}")
+        assert f"<h4>OOD set: {label}</h4>" in page
+        assert f"n = {rows[0]['n_in']:,} in-distribution, {rows[0]['n_ood']:,} OOD" in page
+
+
+def test_markdown_metrics_split_by_ood_set(run3, tmp_path):
+    res = build_report([run3], tmp_path / "out", formats=["md"], n_boot=N_BOOT)
+    md = res.files["md"].read_text()
+    assert "![AUROC with 95% interval per detector and OOD set](figures/overview.png)" in md
+    for label in ("mnist", "noise-uniform"):
+        section = md.split(f"### OOD set: {label}\n", 1)[1].split("\n#", 1)[0]
+        lines = [ln for ln in section.splitlines() if ln.startswith("| ")]
+        assert lines[0].startswith("| detector | AUROC |")
+        rows = [r for r in res.rows if r["ood_set"] == label]
+        assert len(lines) == 1 + len(rows)  # header + a row per detector
+        for line, r in zip(lines[1:], rows, strict=True):
+            assert f"| {r['auroc']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}] |" in line
+
+
+def test_several_runs_keep_per_run_metrics_and_a_run_column(run, run_cv, tmp_path):
+    res = build_report([run, run_cv], tmp_path / "out", formats=["html"], n_boot=0)
+    parsed = _Tables()
+    parsed.feed(res.files["html"].read_text())
+    metrics = [t for t in parsed.tables if t["class"] == "metrics"]
+    # the top tables (with a run column), then each run's own, per OOD set
+    assert [t["headers"][0] for t in metrics] == ["run", "run", "detector", "detector",
+                                                  "detector", "detector"]

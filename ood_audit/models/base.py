@@ -48,6 +48,13 @@ class DensityModel(nn.Module):
         """
         return -self.log_prob(x)
 
+    def activation_memory_format(self) -> torch.memory_format:
+        """The memory format of the 4-D activations this model convolves where its
+        parameters are. DDP lays the convolution kernels out in it, so their gradients
+        arrive in the layout of its buckets (:mod:`~ood_audit.training.layout`). NCHW by
+        default."""
+        return torch.contiguous_format
+
     @torch.no_grad()
     def data_init(self, x: Tensor) -> None:
         """Data-dependent initialisation on a first batch (ActNorm); a no-op by default."""

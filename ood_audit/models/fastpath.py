@@ -141,11 +141,17 @@ def _mallopt() -> str:
     return "glibc heap reuse up to 1 GiB" if ok else "default (no glibc mallopt)"
 
 
+def activation_memory_format(device_type: str, fast: FastPath) -> torch.memory_format:
+    """The memory format the path convolves fastest: channels-last on CPU (outside the
+    naive baseline) and with the ``channels_last`` fast path; otherwise NCHW (cuDNN)."""
+    if fast.channels_last or (device_type == "cpu" and not fast.naive):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def apply_memory_format(x: torch.Tensor, fast: FastPath) -> torch.Tensor:
-    """``x`` in the memory format the path convolves fastest: channels-last on CPU (outside
-    the naive baseline) and with the ``channels_last`` fast path; otherwise unchanged
-    (NCHW for cuDNN on GPUs)."""
-    cpu = x.device.type == "cpu" and not fast.naive
-    if x.dim() == 4 and (fast.channels_last or cpu):
-        return x.contiguous(memory_format=torch.channels_last)
+    """``x`` in :func:`activation_memory_format`; a no-op where that is NCHW."""
+    fmt = activation_memory_format(x.device.type, fast)
+    if x.dim() == 4 and fmt is torch.channels_last:
+        return x.contiguous(memory_format=fmt)
     return x

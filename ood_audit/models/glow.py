@@ -46,7 +46,15 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import DensityModel
-from .fastpath import FAST_PATHS, FastPath, apply_memory_format, enable_tf32, require_compile, tune_cpu_allocator
+from .fastpath import (
+    FAST_PATHS,
+    FastPath,
+    activation_memory_format,
+    apply_memory_format,
+    enable_tf32,
+    require_compile,
+    tune_cpu_allocator,
+)
 from .flows.layers import (
     ActNorm,
     AdditiveCoupling,
@@ -198,6 +206,11 @@ class Glow(DensityModel):
             if isinstance(module, InvConv1x1):
                 module.float64 = self.fast.tf32  # TF32 would lower this conv's precision
             module.naive = self.fast.naive
+
+    def activation_memory_format(self) -> torch.memory_format:
+        """Channels-last on CPU and with the ``channels_last`` fast path (see
+        :func:`~ood_audit.models.fastpath.activation_memory_format`)."""
+        return activation_memory_format(next(self.parameters()).device.type, self.fast)
 
     def train(self, mode: bool = True) -> Glow:
         """Switch mode and drop every scoring cache (:func:`~ood_audit.models.flows.layers.cached`).

@@ -28,7 +28,7 @@ from ..analysis.metrics import METRICS, ood_metrics, roc_points
 from ..errors import UserError
 from ..runs import RunDir, atomic_write_bytes, atomic_write_text
 from ..scoring.pixel_maps import load_pixel_maps
-from . import plots, render
+from . import html_page, plots, render
 from .gates import Gate, GateResult, evaluate_gates, parse_gate
 from .sweep import contrast_sweep
 
@@ -293,9 +293,7 @@ def figures_for(a: RunAnalysis) -> dict[str, bytes]:
         colors.setdefault(tables.set_label(s["dataset"], s["transform"]), colors[s["label"]])
     figs = {f"{name}/hist": plots.bpd_histogram(
         a.bpd_groups, f"{model} trained on {a.section['in_dataset']}: bits/dim", colors)}
-    for det, curves in a.roc.items():
-        figs[f"{name}/roc-{det}"] = plots.roc_figure(
-            curves, f"ROC, detector {det} ({name})", colors)
+    figs[f"{name}/roc"] = plots.roc_grid(a.roc, f"ROC curves per detector ({name})", colors)
     bars = plots.decomposition_bars(a.decomposition, f"Which term moves log p(x)? ({name})",
                                     colors)
     if bars is not None:
@@ -350,9 +348,12 @@ def build_report(runs: list[RunDir], out: Path,
     # Figures are the slow part (matplotlib): only drawn for a format that shows them.
     drawn = "html" in formats or "md" in formats
     figs = {k: v for a in analyses for k, v in figures_for(a).items()} if drawn else {}
+    if drawn:  # no run prefix: it spans every run (a run's figures are "<run>/...")
+        figs[render.OVERVIEW_FIGURE] = plots.auroc_overview(
+            rows, "AUROC per detector and OOD set (in-distribution positive)")
     if "html" in formats:
         files["html"] = out / FORMAT_FILES["html"]
-        atomic_write_text(files["html"], render.render_html(summary, figs))
+        atomic_write_text(files["html"], html_page.render_html(summary, figs))
     if "md" in formats:
         fig_paths = {}
         for key, png in figs.items():

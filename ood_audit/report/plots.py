@@ -8,11 +8,13 @@ likelihoods shown per dimension, nats for per-image terms.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ..analysis.decomposition import pretty
@@ -70,26 +72,154 @@ def bpd_histogram(groups: list[tuple[str, np.ndarray]], title: str,
     return _png(fig)
 
 
-def roc_figure(curves: list[tuple[str, np.ndarray, np.ndarray, float]], title: str,
-               colors: dict[str, str] | None = None) -> bytes:
-    """ROC curves of one detector, one per OOD set: (label, fpr, tpr, auroc).
+def _grid(n: int, ncols: int, panel_w: float, panel_h: float, extra_w: float = 0.6,
+          extra_h: float = 0.9) -> tuple[Figure, list]:
+    """A figure with ``n`` axes on a grid of ``ncols`` columns; the grid's unused cells
+    are removed, so ``fig.axes`` holds exactly the ``n`` panels."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(panel_w * ncols + extra_w, panel_h * nrows + extra_h), dpi=_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig, axes[:n]
 
-    In-distribution is the positive class, so a curve below the diagonal means the
-    detector ranks that OOD set as more in-distribution than the real test data.
+
+def _outer_labels(axes: list, ncols: int) -> None:
+    """Tick labels on the left column and on the lowest panel of each column only: the
+    panels share their scales, so inner labels would repeat them."""
+    n = len(axes)
+    for i, ax in enumerate(axes):
+        ax.tick_params(labelleft=i % ncols == 0, labelbottom=i + ncols >= n)
+
+
+def draw_roc_grid(roc: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]], title: str,
+                  colors: dict[str, str] | None = None, ncols: int = 3) -> Figure:
+    """ROC curves as small multiples: one panel per detector, one line per OOD set.
+
+    ``roc``: detector -> [(OOD set, fpr, tpr, auroc)]. Panels per detector, because a
+    set keeps its colour in every figure of the report (histogram, decomposition), so
+    the lines read alike in each panel, and a panel answers "what does this detector
+    separate"; the AUROC overview compares detectors per set. Shared unit axes, the
+    chance diagonal, AUROC in each panel's legend, set under the panel: curves below the
+    diagonal (the paradox) fill the corner a legend would take. In-distribution is the
+    positive class, so a curve below the diagonal means the detector ranks that set as
+    more in-distribution than the real test data.
     """
     colors = colors or {}
-    fig, (ax,) = _figure(5.2, 4.6)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="chance")
-    for i, (label, fpr, tpr, auroc) in enumerate(curves):
-        ax.plot(fpr, tpr, color=colors.get(label, color_for(i + 2)), linewidth=1.8,
-                label=f"{label} (AUROC {auroc:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (OOD accepted)")
-    ax.set_ylabel("true positive rate (in-distribution accepted)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    dets = list(roc)
+    ncols = max(1, min(ncols, len(dets)))
+    n_sets = max(len(curves) for curves in roc.values())
+    # nearly square plots (an equal aspect would fight constrained layout over the legends)
+    fig, axes = _grid(len(dets), ncols, 2.9, 2.9 + 0.14 * n_sets)
+    _outer_labels(axes, ncols)
+    for i, (ax, det) in enumerate(zip(axes, dets, strict=True)):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1)
+        for j, (label, fpr, tpr, auroc) in enumerate(roc[det]):
+            ax.plot(fpr, tpr, color=colors.get(label, color_for(j + 2)), linewidth=1.6,
+                    label=f"{label}  AUROC {auroc:.3f}")
+        # a hair beyond [0, 1]: a curve along an edge (AUROC 0 or 1) is not hidden by a spine
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_title(det, fontsize=10)
+        below_ticks = i + ncols >= len(dets)  # this panel shows its x tick labels
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if below_ticks else -0.03),
+                  handlelength=1.2, frameon=False, borderaxespad=0)
+    fig.supxlabel("false positive rate (OOD accepted)", fontsize=9)
+    fig.supylabel("true positive rate (in-dist. accepted)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def roc_grid(roc: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]], title: str,
+             colors: dict[str, str] | None = None) -> bytes:
+    """:func:`draw_roc_grid` as PNG bytes."""
+    return _png(draw_roc_grid(roc, title, colors))
+
+
+#: Dot colours of the AUROC overview, by what the interval says (legend text, colour).
+OVERVIEW_CLASSES = {
+    "prefers": ("AUROC < 0.5, CI excludes 0.5: ranks OOD as more in-distribution", "#c0392b"),
+    "chance": ("CI includes 0.5", "#7f7f7f"),
+    "separates": ("AUROC > 0.5, CI excludes 0.5", "#1f4e9c"),
+}
+
+
+def overview_class(auroc: float, low: float | None, high: float | None) -> str:
+    """Which of :data:`OVERVIEW_CLASSES` a row is in (no interval: by the point alone)."""
+    if low is not None and high is not None and low <= 0.5 <= high:
+        return "chance"
+    return "prefers" if auroc < 0.5 else "separates"
+
+
+def draw_auroc_overview(rows: list[dict], title: str, ncols: int = 2) -> Figure:
+    """Detector x OOD set at a glance: AUROC with its 95% interval, as a dot plot.
+
+    One panel per OOD set, one row per detector (``run: detector`` when rows come from
+    several runs); the interval as a bar, its numbers beside the panel, chance (0.5) as
+    a dashed line with the side where the model prefers OOD shaded, and the best
+    detector on the set (``row["best"]``) in bold with "(best)". A dot plot rather than
+    a heatmap: the intervals are drawn, so overlap with 0.5 or between detectors shows.
+    ``rows``: summary metric rows (``auroc``, ``auroc_ci_low``, ``auroc_ci_high``,
+    ``detector``, ``ood_set``, ``run``, ``best``).
+    """
+    sets = list(dict.fromkeys(r["ood_set"] for r in rows))
+    several = len({r.get("run") for r in rows}) > 1
+    names = list(dict.fromkeys(_row_name(r, several) for r in rows))
+    fig, axes = _grid(len(sets), ncols, 4.6, 0.34 * len(names) + 0.7, extra_h=1.1)
+    y = {name: i for i, name in enumerate(names)}
+    for ax, label in zip(axes, sets, strict=True):
+        ax.axvspan(0, 0.5, color="#fdecea", zorder=0)
+        ax.axvline(0.5, color="#555555", linestyle="--", linewidth=1.2, zorder=1)
+        for r in (r for r in rows if r["ood_set"] == label):
+            auroc, lo, hi = (_finite_or_none(r.get(k))
+                             for k in ("auroc", "auroc_ci_low", "auroc_ci_high"))
+            if auroc is None:
+                continue
+            row = y[_row_name(r, several)]
+            color = OVERVIEW_CLASSES[overview_class(auroc, lo, hi)][1]
+            if lo is not None and hi is not None:
+                ax.plot([lo, hi], [row, row], color=color, linewidth=2.2, solid_capstyle="butt",
+                        clip_on=False)
+            best = bool(r.get("best"))
+            ax.plot([auroc], [row], "o", color=color, markersize=7 if best else 5.5,
+                    markeredgecolor="black" if best else color, zorder=3, clip_on=False)
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+            # beside the panel (axes x > 1), so a number never covers a dot or a bar
+            ax.text(1.03, row, f"{auroc:.3f}{ci}" + (" (best)" if best else ""),
+                    transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=7.5,
+                    fontweight="bold" if best else "normal", gid=f"value:{r['ood_set']}")
+        ax.set_xlim(-0.02, 1.02)  # a dot at 0 or 1 stays whole
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "0.25", "0.5\nchance", "0.75", "1"])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", color="#e6e6e6", linewidth=0.6)
+        ax.set_title(f"OOD set: {label}", fontsize=10)
+        ax.set_xlabel("AUROC (95% CI)", fontsize=8)
+    handles = [Line2D([], [], color=c, marker="o", linewidth=2.2, label=text)
+               for text, c in OVERVIEW_CLASSES.values()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7.5,
+               frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _finite_or_none(x) -> float | None:
+    """A finite float or None (``n_boot=0`` leaves the interval NaN; JSON makes it None)."""
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def _row_name(row: dict, several_runs: bool) -> str:
+    return f"{row['run']}: {row['detector']}" if several_runs else row["detector"]
+
+
+def auroc_overview(rows: list[dict], title: str) -> bytes:
+    """:func:`draw_auroc_overview` as PNG bytes."""
+    return _png(draw_auroc_overview(rows, title))
 
 
 def decomposition_bars(table: pd.DataFrame, title: str,

@@ -1,16 +1,13 @@
-"""Format a report summary as HTML (self-contained) or Markdown.
+"""The report's content as plain tables, and its Markdown form.
 
-Both renderers read only the summary dict that becomes ``summary.json`` (and the PNG
-figures), and build their tables through the same :class:`Table` rows, so the HTML, the
-Markdown and the JSON never disagree on a number. The HTML embeds its images as base64
-data URIs, inlines its CSS, fetches nothing, and reflows on a phone (viewport meta,
-one column below ~30rem, scrollable tables).
+Every table of the report is built here as :class:`Table` rows of strings, from the
+summary dict that becomes ``summary.json`` only; the HTML page
+(:mod:`~ood_audit.report.html_page`), the Markdown below and the CLI's terminal tables
+format those rows, so they never disagree on a number.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import re
@@ -58,10 +55,26 @@ def pct(x: float) -> str:
     return f"{0.0 if round(x, 2) == 0 else x:.0%}"
 
 
+class Interval(str):
+    """An estimate with its interval, ``"0.487 [0.450, 0.524]"`` as text (Markdown, the
+    terminal), with its parts kept (``point``, ``low``, ``high``) so the HTML can set the
+    interval under the estimate and keep wide tables narrow."""
+
+    point: str
+    low: str
+    high: str
+
+    def __new__(cls, point: str, low: str, high: str) -> Interval:
+        text = super().__new__(cls, f"{point} [{low}, {high}]")
+        text.point, text.low, text.high = point, low, high
+        return text
+
+
 def with_ci(row: dict, metric: str) -> str:
+    """``row[metric]`` with its 95% interval when the row has one (an :class:`Interval`)."""
     lo, hi = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
     text = num(row.get(metric))
-    return f"{text} [{num(lo)}, {num(hi)}]" if lo is not None and hi is not None else text
+    return Interval(text, num(lo), num(hi)) if lo is not None and hi is not None else text
 
 
 @dataclass
@@ -99,6 +112,42 @@ def metric_table(rows: list[dict], with_run: bool, compact: bool = False) -> Tab
         classes = ["paradox"] if (r["auroc"] is not None and r["auroc"] < 0.5) else []
         t.add(cells, " ".join(classes + (["best"] if r.get("best") else [])))
     return t
+
+
+#: Key of the detector x OOD set AUROC figure among the report's figures (no run prefix:
+#: it spans every run; a run's own figures are keyed ``<run>/<figure>``).
+OVERVIEW_FIGURE = "overview"
+
+
+def metric_tables_by_set(rows: list[dict], with_run: bool) -> list[tuple[str, str, Table]]:
+    """The metric table split by OOD set, narrow enough for a page: (set label, note,
+    table) per set, in order of appearance. Each table has a row per (run,) detector.
+    What is the same for every detector moves to the note: the mean bits/dim of the
+    in-distribution test and OOD sets (per run), and the sample sizes unless a detector
+    left NaN scores out."""
+    out = []
+    for label in dict.fromkeys(r["ood_set"] for r in rows):
+        group = [r for r in rows if r["ood_set"] == label]
+        sizes = {(r["n_in"], r["n_ood"]) for r in group}
+        n_column = len(sizes) > 1
+        t = Table((["run"] if with_run else []) + ["detector"]
+                  + (["n in / OOD"] if n_column else []) + METRIC_HEADERS + ["verdict"])
+        for r in group:
+            name = r["detector"] + (BEST_MARK if r.get("best") else "")
+            paradox = r["auroc"] is not None and r["auroc"] < 0.5
+            t.add(([r["run"]] if with_run else []) + [name]
+                  + ([f"{num(r['n_in'])} / {num(r['n_ood'])}"] if n_column else [])
+                  + [with_ci(r, k) for k in METRIC_KEYS] + [r["verdict"]],
+                  " ".join((["paradox"] if paradox else []) + (["best"] if r.get("best") else [])))
+        bpd = {r.get("run", ""): f"{num(r['mean_bpd_in'])} → {num(r['mean_bpd_ood'])}"
+               for r in group}
+        note = (f"bits/dim in-distribution test → {label}: "
+                + "; ".join(f"{run}: {v}" if with_run else v for run, v in bpd.items()))
+        if not n_column:
+            n_in, n_ood = sizes.pop()
+            note += f"; n = {num(n_in)} in-distribution, {num(n_ood)} OOD"
+        out.append((label, note, t))
+    return out
 
 
 def typicality_table(section: dict) -> Table:
@@ -254,18 +303,6 @@ def ensemble_table(result: dict) -> Table:
     return t
 
 
-def _second_order_html(result: dict | None) -> list[str]:
-    """The "Second-order prediction" section (decompose --second-order), or nothing."""
-    if not result:
-        return []
-    from ..analysis.second_order import second_order_note, second_order_tables
-
-    gaps_t, var_t = second_order_tables(result)
-    return ["<h3>Second-order prediction</h3>",
-            f'<p class="note">{html.escape(second_order_note(result))}</p>',
-            _html_table(gaps_t), _html_table(var_t)]
-
-
 def _second_order_md(result: dict | None) -> list[str]:
     if not result:
         return []
@@ -282,116 +319,6 @@ def records_table(records: list[dict]) -> Table:
     for r in records:
         t.add([r.get(h) for h in headers])
     return t
-
-
-# ---------------------------------------------------------------- HTML
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1500px;
-padding:1rem;color:#222;line-height:1.45}
-h1{font-size:1.5rem}h2{font-size:1.25rem;border-bottom:2px solid #ddd;padding-bottom:.2rem}
-h3{font-size:1.05rem;margin-top:1.4rem}
-.runs{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:1.5rem}
-.run{min-width:0}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
-img{max-width:100%;height:auto;display:block;margin:.5rem 0}
-table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0}
-th,td{padding:.25rem .5rem;border-bottom:1px solid #e3e3e3;text-align:left;white-space:nowrap}
-th{background:#f5f5f5}.note{color:#555;font-size:.9rem}
-tr.paradox td{background:#fdecea}tr.best td{font-weight:600}
-tr.fail td{background:#fdecea;font-weight:600}
-tr.pass td:last-child{color:#1a7f37;font-weight:600}tr.top td{font-weight:600}
-pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}
-.banner{padding:.6rem .8rem;border-radius:4px;margin:.6rem 0}
-.banner.fail{background:#fdecea;border:1px solid #e0a0a0}
-.banner.pass{background:#e9f7ef;border:1px solid #9fd5b3}
-"""
-
-
-def _html_table(t: Table) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in t.headers)
-    body = "".join(
-        f'<tr{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>'
-        + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
-        for row, cls in zip(t.rows, t.classes, strict=True))
-    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
-
-
-def _img(figs: dict[str, bytes], key: str, alt: str) -> str:
-    if key not in figs:
-        return ""
-    data = base64.b64encode(figs[key]).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def render_html(summary: dict, figs: dict[str, bytes]) -> str:
-    """One self-contained HTML page; ``figs`` maps ``<run>/<figure>`` to PNG bytes."""
-    e = html.escape
-    runs = summary["runs"]
-    parts = [f"<h1>ood-audit report: {e(', '.join(r['name'] for r in runs))}</h1>",
-             f'<p class="note">ood-audit {e(summary["version"])}, generated '
-             f'{e(summary["generated_at"])}. Nalisnick et al., "Do Deep Generative Models Know '
-             "What They Don't Know?\" (ICLR 2019).</p>"]
-    if summary["gates"]:
-        ok = summary["gates_passed"]
-        failed = [g["detail"] for g in summary["gates"] if not g["passed"]]
-        parts.append(f'<h2>CI gates</h2><div class="banner {"pass" if ok else "fail"}">'
-                     + ("All gates hold." if ok else "Gate(s) failed: " + e("; ".join(failed)))
-                     + "</div>" + _html_table(gate_table(summary["gates"])))
-    parts.append("<h2>Detection metrics</h2>"
-                 f'<p class="note">{e(summary["convention"])}</p>'
-                 + _html_table(metric_table(summary["metrics"], with_run=len(runs) > 1)))
-    cols = []
-    for run in runs:
-        n = run["name"]
-        means, diffs = decomposition_tables(run["decomposition"], run["reference"])
-        sec = [f'<section class="run"><h2>{e(n)}</h2>', "<h3>Model, data and config</h3>",
-               _html_table(run_meta_table(run)),
-               "<details><summary>run config</summary>"
-               f"<pre>{e(json.dumps(run['run_config'], indent=2))}</pre></details>",
-               "<h3>Likelihood per data set (bits/dim)</h3>",
-               _img(figs, f"{n}/hist", "bits/dim histograms"),
-               _html_table(sets_table(run)), "<h3>ROC curves</h3>"]
-        sec += [_img(figs, f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
-        sec += ["<h3>Metrics</h3>", _html_table(metric_table(run["metrics"], with_run=False))]
-        if run.get("ensemble"):
-            sec += ["<h3>Ensemble vs members (AUROC)</h3>", f'<p class="note">{e(ENSEMBLE_NOTE)}</p>',
-                    _html_table(ensemble_table(run["ensemble"]))]
-        if run.get("typicality_batches"):
-            tb = run["typicality_batches"]
-            sec += ["<h3>Typicality test on batches</h3>",
-                    f'<p class="note">{e(typicality_note(tb))}</p>',
-                    _html_table(typicality_table(tb))]
-        if run.get("contrast_sweep"):
-            sec += ["<h3>Contrast sweep: bits/dim vs variance</h3>",
-                    f'<p class="note">{e(CONTRAST_NOTE)}</p>',
-                    _img(figs, f"{n}/contrast", "mean bits/dim vs contrast factor"),
-                    _html_table(contrast_table(run["contrast_sweep"]))]
-        sec += ["<h3>Decomposition: which term carries the gap</h3>",
-                "<ul>" + "".join(f"<li>{e(g['sentence'])}</li>" for g in run["gaps"]) + "</ul>",
-                _img(figs, f"{n}/decomposition", "decomposition bars"),
-                _html_table(means), f'<p class="note">Difference from {e(run["reference"])} '
-                "(nats per image; share of the log p(x) gap):</p>", _html_table(diffs),
-                "<h3>Training curve</h3>",
-                _img(figs, f"{n}/training", "training curve")
-                or '<p class="note">No metrics.parquet in this run.</p>']
-        if f"{n}/pixel-maps" in figs:
-            sec += ["<h3>Per-pixel likelihood</h3>",
-                    _img(figs, f"{n}/pixel-maps", "per-pixel log-likelihood heatmaps")]
-        if run.get("over_training"):
-            sec += ["<h3>Over training</h3>",
-                    _html_table(over_training_table(run["over_training"]))]
-        sec += _second_order_html(run.get("second_order"))
-        if run.get("notes"):
-            items = "".join(f"<li>{e(x)}</li>" for x in run["notes"])
-            sec.append(f'<ul class="note">{items}</ul>')
-        cols.append("".join(sec) + "</section>")
-    parts.append(f'<div class="runs">{"".join(cols)}</div>')
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>ood-audit report</title><style>{_CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
 
 
 # ---------------------------------------------------------------- Markdown
@@ -415,11 +342,14 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
         ok = summary["gates_passed"]
         out.append("## CI gates\n\n" + ("**All gates hold.**\n" if ok else "**Gate(s) failed.**\n")
                    + "\n" + _md_table(gate_table(summary["gates"])))
-    out.append("## Detection metrics\n\n" + summary["convention"] + "\n\n"
-               + _md_table(metric_table(summary["metrics"], with_run=len(runs) > 1)))
 
     def img(key: str, alt: str) -> str:
         return f"![{alt}]({fig_paths[key]})\n" if fig_paths and key in fig_paths else ""
+
+    out.append("## Detection metrics\n\n" + summary["convention"] + "\n")
+    out.append(img(OVERVIEW_FIGURE, "AUROC with 95% interval per detector and OOD set"))
+    for label, note, t in metric_tables_by_set(summary["metrics"], with_run=len(runs) > 1):
+        out.append(f"### OOD set: {label}\n\n{note}\n\n" + _md_table(t))
 
     for run in runs:
         n = run["name"]
@@ -427,7 +357,7 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
         out += [f"## Run {n}\n", _md_table(run_meta_table(run)),
                 img(f"{n}/hist", "bits/dim histograms"),
                 "### Likelihood per data set\n", _md_table(sets_table(run))]
-        out += [img(f"{n}/roc-{d['name']}", f"ROC {d['name']}") for d in run["detectors"]]
+        out.append(img(f"{n}/roc", "ROC curves, one panel per detector"))
         if run.get("ensemble"):
             out += ["### Ensemble vs members (AUROC)\n", ENSEMBLE_NOTE + "\n",
                     _md_table(ensemble_table(run["ensemble"]))]

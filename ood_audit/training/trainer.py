@@ -35,6 +35,7 @@ from ..models.base import DensityModel
 from ..runs import RunDir, atomic_path
 from .checkpoint import link_or_copy, save_checkpoint
 from .ddp import rank_slice, step_stats, wrap_ddp
+from .layout import align_optimizer_state
 
 #: Extra seed part of the pixel-perturbation stream (kept apart from the dequantization noise).
 PERTURB_KEY = 7_919
@@ -248,6 +249,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(payload["ema"])
             self.optimizer.load_state_dict(payload["optimizer"])
+            align_optimizer_state(self.optimizer)  # a DDP run saved channels-last moments
             self.scheduler.load_state_dict(payload["scheduler"])
             state = TrainState(**payload["state"])
             rng = payload.get("rng") or {}
@@ -283,7 +285,7 @@ class Trainer:
         n_batches = self.batches_per_epoch()
         results = []
         if d.distributed and self._ddp is None:
-            self._ddp = wrap_ddp(self.model, d)
+            self._ddp = wrap_ddp(self.model, d, self.optimizer)
         with StopFlag() as stop:
             while st.epoch < cfg.epochs:
                 t0, seen, loss_sum, clipped, steps = time.perf_counter(), 0, 0.0, 0, 0
