@@ -6,7 +6,8 @@ on CUDA with device ``cuda:LOCAL_RANK``) and hands back a :class:`DistContext`. 
 those variables (or with ``WORLD_SIZE=1``) it is a no-op and every method of the context
 does the single-process thing, so callers never branch on "am I distributed".
 
-This module imports nothing from the rest of the package but :mod:`ood_audit.errors`, so
+This module imports nothing from the rest of the package but :mod:`ood_audit.errors` (and
+:mod:`ood_audit.faults`, which imports nothing), so
 training, scoring and the CLI can all use it without import cycles.
 """
 
@@ -101,6 +102,33 @@ class DistContext:
         tdist.all_gather_object(out, obj)
         return out
 
+    def agree(self, failure: BaseException | None) -> None:
+        """Stop every rank when any rank failed: call it at the same point on every rank,
+        with what this one raised there (None: it went well).
+
+        The rank that failed raises its own error again; the others raise the first
+        failed rank's, as the line every rank prints: a
+        :class:`~ood_audit.faults.PeerFault` for a fault of the machine (each rank's own
+        ``keeping`` notes add what was kept), a UserError with the same message for a
+        user error, else a UserError naming the rank (whose traceback is the bug's).
+        Without a group it only re-raises ``failure``. A rank that fails without reaching the
+        call leaves the others waiting: put the calls where every rank comes.
+        """
+        lines = self.all_gather_object(None if failure is None else _shared_line(failure)) \
+            if self.distributed else []
+        if failure is not None:
+            raise failure
+        for rank, line in enumerate(lines):
+            if line is not None:
+                from .faults import PeerFault
+
+                kind, what, advice = line
+                if kind == "fault":
+                    raise PeerFault(what, advice)
+                if kind == "user":
+                    raise UserError(what)
+                raise UserError(f"rank {rank} of {self.world} stopped: {what}")
+
     def close(self) -> None:
         """Leave the group if we created it (idempotent); later init_distributed calls rejoin."""
         global _CONTEXT
@@ -113,6 +141,18 @@ class DistContext:
     def _object_device(self) -> torch.device | None:
         # object collectives pickle into a tensor; nccl needs it on this rank's GPU
         return self.device if self.backend == "nccl" else None
+
+
+def _shared_line(exc: BaseException) -> tuple[str, str, str | None]:
+    """(kind, text, advice) of a rank's failure, sent to the other ranks (picklable)."""
+    from .faults import what_failed
+
+    failed = what_failed(exc)
+    if failed is not None:
+        return "fault", failed[0], failed[1]
+    if isinstance(exc, UserError):
+        return "user", str(exc), None
+    return "bug", f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}", None
 
 
 def _resolve_device(device: str | torch.device, local_rank: int, distributed: bool) -> torch.device:

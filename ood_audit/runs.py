@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
+from .faults import keeping, writing
 
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
@@ -125,26 +126,24 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
 
 
 def ensure_dir(folder: Path, what: str = "folder") -> None:
-    """Create ``folder`` (and parents), or a UserError naming it: a file in the way, no
-    permission, a read-only disk."""
+    """Create ``folder`` (and parents), or a UserError when a file is in the way. The file
+    system's refusal (no permission, a read-only disk) propagates as its OSError, marked
+    as creating ``folder`` for the CLI's one line (:mod:`ood_audit.faults`)."""
     folder = Path(folder)
     if folder.is_dir():
         return
     if folder.exists():
         raise UserError(f"{folder} is a file, not a {what}: name a folder")
-    try:
+    # A refusal (no permission, read-only, full) is a fault of the machine: the CLI's
+    # error boundary (ood_audit.faults) makes its line, naming this folder.
+    with writing(folder, "create", existed=False):
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {what} {folder}: {exc.strerror or exc}") from None
 
 
 def _temp_in(path: Path) -> tuple[int, str]:
     """A temporary file next to ``path`` (same file system, so the rename is atomic)."""
     ensure_dir(path.parent)
-    try:
-        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -174,22 +173,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     A reader never sees a half-written file, even if the process dies mid-write.
     """
     path = Path(path)
-    fd, tmp = _temp_in(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path):  # a fault's line names path, not the temporary name
+        fd, tmp = _temp_in(path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
 
 
@@ -201,17 +197,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write to; renamed over ``path`` only on success."""
     path = Path(path)
-    fd, tmp = _temp_in(path)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:  # flush what the caller's library wrote
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    # The caller's library writes in the block: its errors (pyarrow's, safetensors') are
+    # marked as writing ``path`` too, and the temporary file goes however the block ends.
+    with writing(path):
+        fd, tmp = _temp_in(path)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb+") as fh:  # flush what the caller's library wrote
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     _fsync_dir(path.parent)
 
 
@@ -226,17 +225,21 @@ def replace_dir(tmp: Path, final: Path) -> None:
     import uuid
 
     tmp, final = Path(tmp), Path(final)
-    for f in tmp.iterdir():  # the parts' bytes are on disk before the folder appears
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with writing(final, existed=final.exists()):
+        for f in tmp.iterdir():  # the parts' bytes are on disk before the folder appears
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     had_old = final.exists() or final.is_symlink()
-    try:
+    with writing(final, existed=had_old):
         if had_old:
             os.replace(final, old)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise UserError(f"cannot write {final}: {exc.strerror or exc}") from None
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # put the old one back: nothing lost
+                os.replace(old, final)
+            raise
     _fsync_dir(final.parent)
     if had_old:
         if old.is_dir() and not old.is_symlink():
@@ -257,21 +260,19 @@ def run_lock(rd: RunDir, what: str) -> Iterator[None]:
     import fcntl
 
     ensure_dir(rd.root, "run directory")
-    try:
+    with writing(rd.lock, "lock", existed=False), keeping("nothing was changed"):
         fh = open(rd.lock, "a+")
-    except OSError as exc:
-        raise UserError(f"cannot lock {rd.root} ({rd.lock}: {exc.strerror or exc}); "
-                        "is the run directory writable?") from None
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             raise _in_use(rd, fh.read()) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} ({what})")
-        fh.flush()
+        with writing(rd.lock, "lock", existed=False), keeping("nothing was changed"):
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} ({what})")
+            fh.flush()
         yield
     finally:
         fh.close()

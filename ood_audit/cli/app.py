@@ -1,8 +1,10 @@
 """The ``ood-audit`` Typer app: dispatches to one module per subcommand.
 
 Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a user error
-(bad option, missing or corrupt file, unknown name, or a file system that refuses a
-read or write), printed as one line saying what to do; 130 interrupted by Ctrl-C, one
+(bad option, missing or corrupt file, unknown name) or a fault of the machine (a full
+disk, a file-size limit, a read-only or removed folder, no permission, memory running
+out: :mod:`ood_audit.faults`), printed as one line saying what to do and, for a fault,
+the file and what was kept; 130 interrupted by Ctrl-C, one
 line ``interrupted`` saying what was kept (143 for SIGTERM); anything else is a bug and keeps its
 traceback.
 """
@@ -15,6 +17,7 @@ import typer
 
 from .. import __version__
 from ..errors import GateFailed, Interrupted, UserError
+from ..faults import describe as describe_fault
 from . import decompose_cmd, report_cmd, run_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
@@ -79,11 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:  # click turns Ctrl-C inside a command into Abort
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as exc:
-        # The file system refused (no space, no permission, a file where a folder must
-        # be, a file another program holds): the user's environment, not a bug.
-        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
     except Exception as exc:
         # Usage errors (unknown option, bad value) from click, or typer's vendored click:
         # matched by shape so both work. One line, exit 2, pointing at --help.
@@ -92,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
             where = ctx.command_path if ctx is not None else "ood-audit"
             print(f"error: {exc.format_message()} (see {where} --help)", file=sys.stderr)
             sys.exit(exc.exit_code)
+        # A fault of the machine (a full disk, a file-size limit, a read-only or vanished
+        # folder, memory running out), however a library wrapped it: the user's
+        # environment, not a bug, and not a failed gate. The one place such errors
+        # become a line: the file, the cause, what was kept.
+        line = describe_fault(exc)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(UserError.exit_code)
         raise
     # standalone_mode=False hands back --help's and typer.Exit's exit code as the value;
     # typer turns a KeyboardInterrupt inside a command into Exit(130), silently.
@@ -99,10 +105,3 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
 
-
-def _os_error_line(exc: OSError) -> str:
-    """One line for an OSError: the file(s) it names, then the reason."""
-    names = [str(n) for n in (exc.filename, exc.filename2) if n]
-    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    where = " -> ".join(names)
-    return f"{where}: {reason}" if where else reason

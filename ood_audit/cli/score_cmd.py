@@ -15,7 +15,7 @@ from ..analysis.tables import set_label
 from ..data.transforms import TRANSFORMS
 from ..distributed import dist_env, init_distributed
 from ..runs import resolve_run, run_lock
-from ..scoring.scorer import ScoreJob, ScoreProgress, SetSummary, score_run
+from ..scoring.scorer import ScoreJob, ScoreProgress, SetSummary, folder_identity, score_run
 from .console import err, note
 from .console import out as stdout
 from .options import (
@@ -119,15 +119,6 @@ def detector_table(rd) -> Table:
     return table
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of ``path``, None when absent: tells whether a folder was replaced."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def score(
     ood: list[str] = typer.Option(None, "--ood", help=OOD_HELP),
     run: Path = RunOpt,
@@ -203,7 +194,7 @@ def score(
     ctx = init_distributed(device or "auto") if dist_env()[1] > 1 else None
     is_main = ctx is None or ctx.is_main
     progress = RichScoreProgress() if is_main else None
-    before = _identity(rd.scores)
+    before = folder_identity(rd.scores)
     try:
         # under torchrun only rank 0 holds the run's lock: the ranks write one table together
         with (run_lock(rd, "ood-audit score") if is_main else contextlib.nullcontext()), \
@@ -218,7 +209,7 @@ def score(
     except KeyboardInterrupt:
         # The folder is swapped in whole (scorer.scores_folder), so it is either the old
         # table or, when Ctrl-C came just as it was published, the complete new one.
-        kept = ("was left as it was" if _identity(rd.scores) == before
+        kept = ("was left as it was" if folder_identity(rd.scores) == before
                 else "holds the complete new table (the summary was not printed)")
         raise Interrupted(f"scoring stopped; {rd.scores} {kept}: a partial table is never "
                           "published") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig, from_dict, load_yaml
 from ..errors import UserError
+from ..faults import keeping
 from ..runs import RunDir, atomic_write_text, run_lock
 from .plan import comparable_config, plan
 from .spec import STATE_FILE, Experiment, PlannedRun, Step
@@ -196,8 +197,11 @@ def run_experiment(exp: Experiment, *, force: bool = False, data_root: Path | No
                 continue
             hooks.step_start(step, i, len(steps), st)
             t0 = time.perf_counter()
-            value, record = _execute(exp, step, st, force=force, data_root=data_root,
-                                     download=download, hooks=hooks)
+            # a fault of the machine (a full disk...) keeps the steps done before this one
+            with keeping(f"the steps before this {step.kind} step are done ({exp.out / STATE_FILE}); "
+                         "the same ood-audit run continues from it"):
+                value, record = _execute(exp, step, st, force=force, data_root=data_root,
+                                         download=download, hooks=hooks)
             seconds = time.perf_counter() - t0
             _write_state(exp, step, {"seconds": round(seconds, 1), **record})
             result.ran.append(step.id)

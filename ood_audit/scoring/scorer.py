@@ -38,10 +38,12 @@ from ..data import ImageSet, adapt_to_shape, bits_per_dim, dequantize, load_data
 from ..data.transforms import describe, parse_transforms
 from ..distributed import DistContext
 from ..errors import UserError
+from ..faults import keeping, writing
 from ..models.base import DensityModel, sum_terms
 from ..runs import RunDir, ensure_dir, replace_dir
 from ..training.checkpoint import CheckpointInfo, load_checkpoint
 from ..training.trainer import pick_device, seeded
+from .batch_fit import ForwardSize
 from .pixel_maps import save_pixel_maps
 from .schema import SCHEMA_VERSION, SET_COLUMNS, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
 
@@ -131,19 +133,20 @@ def dequantized_chunks(images: torch.Tensor, seed: int, key: int,
 @torch.inference_mode()
 def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: torch.device,
                  seed: int, *, shard: Shard = Shard(), plan=None,
-                 workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 workers: int | None = None,
+                 fit: ForwardSize | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images.
 
     ``plan`` (a :class:`~ood_audit.scoring.detect.DetectorPlan`): also score its
     companion models on the same x and add its data features, batch by batch.
     ``workers``: DataLoader processes dequantizing the next chunks
     (:func:`~ood_audit.scoring.loader.dequantized_batches`; None: 2 on CUDA, 0 on CPU);
-    the numbers do not depend on it.
+    the numbers do not depend on it. ``fit``: the forward-pass size, shared by a
+    command's sets, halved on CUDA out-of-memory (:mod:`.batch_fit`; None: a fresh one).
     """
-    from .detect import batch_columns
     from .loader import dequantized_batches
 
-    n_dims = math.prod(job.images.shape)
+    fit = fit or ForwardSize(batch_size)
     images = job.images.images
     seeded_chunk = None
     for c, start, x in dequantized_batches(images, shard.chunks(len(images)),
@@ -155,22 +158,30 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
             # with another number of processes or workers, gives the same numbers.
             torch.manual_seed(seeded(seed, job.key, c, 1).initial_seed())
             seeded_chunk = c
-        # Sum in float64 so the written terms add up to the written log_px exactly.
-        raw_terms, extras = model.score_columns(x)
-        terms = {k: v.double() for k, v in raw_terms.items()}
-        log_px = sum_terms(terms)
-        cols: dict[str, np.ndarray] = {
-            "log_px": log_px.cpu().numpy(),
-            "bpd": bits_per_dim(log_px, n_dims).cpu().numpy(),
-        }
-        for name, value in {**terms, **extras}.items():
-            cols[name] = value.double().cpu().numpy()
-        idx = np.arange(start, start + len(x), dtype=np.int64)
-        cols["index"] = idx + job.first_index
-        cols["label"] = job.images.labels[idx].numpy()
-        if plan is not None:
-            batch_columns(plan, cols, x, images[start:start + len(x)])
-        yield cols
+        yield fit.run(lambda xs, first: _batch_columns(model, job, xs, first, plan), x, start)
+
+
+def _batch_columns(model: DensityModel, job: ScoreJob, x: torch.Tensor, start: int,
+                   plan=None) -> dict[str, np.ndarray]:
+    """The columns of images ``start ..`` of ``job`` (``x``: them, dequantized)."""
+    from .detect import batch_columns
+
+    # Sum in float64 so the written terms add up to the written log_px exactly.
+    raw_terms, extras = model.score_columns(x)
+    terms = {k: v.double() for k, v in raw_terms.items()}
+    log_px = sum_terms(terms)
+    cols: dict[str, np.ndarray] = {
+        "log_px": log_px.cpu().numpy(),
+        "bpd": bits_per_dim(log_px, math.prod(job.images.shape)).cpu().numpy(),
+    }
+    for name, value in {**terms, **extras}.items():
+        cols[name] = value.double().cpu().numpy()
+    idx = np.arange(start, start + len(x), dtype=np.int64)
+    cols["index"] = idx + job.first_index
+    cols["label"] = job.images.labels[idx].numpy()
+    if plan is not None:
+        batch_columns(plan, cols, x, job.images.images[start:start + len(x)])
+    return cols
 
 
 class ScoresWriter:
@@ -178,10 +189,13 @@ class ScoresWriter:
     ``row_group`` rows (plus one batch) are held before they go to disk, whatever the
     size of the set."""
 
-    def __init__(self, path: Path, schema: pa.Schema, row_group: int | None = None):
+    def __init__(self, path: Path, schema: pa.Schema, row_group: int | None = None,
+                 shown: Path | None = None):
         self.schema = schema
-        self.writer = pq.ParquetWriter(str(path), schema, use_dictionary=[
-            c for c in DICTIONARY_COLUMNS if c in schema.names])
+        self.shown = Path(shown or path)  # what a fault's line names (not the temporary folder)
+        with writing(self.shown, existed=False):
+            self.writer = pq.ParquetWriter(str(path), schema, use_dictionary=[
+                c for c in DICTIONARY_COLUMNS if c in schema.names])
         self.buffer: list[pa.RecordBatch] = []
         self.rows = 0
         self.row_group = row_group or ROW_GROUP  # read at call time (tests lower it)
@@ -195,12 +209,21 @@ class ScoresWriter:
 
     def flush(self) -> None:
         if self.buffer:
-            self.writer.write_table(pa.Table.from_batches(self.buffer, self.schema))
+            with writing(self.shown, existed=False):
+                self.writer.write_table(pa.Table.from_batches(self.buffer, self.schema))
             self.buffer, self.rows = [], 0
 
     def close(self) -> None:
         self.flush()
-        self.writer.close()
+        with writing(self.shown, existed=False):
+            self.writer.close()
+
+    def abort(self) -> None:
+        """Close after a failure, quietly: the file is thrown away, and writing the rest
+        (pyarrow: "Operation on closed file" after a full disk) would hide why it failed."""
+        self.buffer = []
+        with contextlib.suppress(Exception):
+            self.writer.close()
 
 
 def model_columns(model: DensityModel, device: torch.device) -> tuple[list[str], list[str]]:
@@ -281,7 +304,8 @@ def held_out_job(info: CheckpointInfo, train_limit: int | None, *, root: Path | 
 def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], out: Path, *,
                batch_size: int, device: torch.device, seed: int,
                progress: ScoreProgress | None = None, plan=None,
-               ctx: DistContext | None = None, workers: int | None = None) -> list[SetSummary]:
+               ctx: DistContext | None = None, workers: int | None = None,
+               notify=None) -> list[SetSummary]:
     """Score every job into the folder ``out`` (``part-<rank>.parquet``, one per process,
     published atomically once every process is done) and return per-set summaries (on
     the main process; [] on the others).
@@ -289,6 +313,7 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     ``plan``: the detectors' companion models and features, scored in the same batches.
     ``ctx``: this process's place in a torchrun group (None: a single process).
     ``workers``: DataLoader processes dequantizing ahead (None: 2 on CUDA, 0 on CPU).
+    ``notify``: where the one note goes when CUDA memory forces smaller forward passes.
     """
     from .detect import plan_metadata
 
@@ -314,9 +339,10 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     # Means shown on screen: a flow's group totals, else the model's terms.
     keys = ["bpd", "log_px", *(groups or terms)]
     tallies: list[tuple[tuple[str, ...], _SetTotals]] = []
+    fit = ForwardSize(batch_size, notify)
     model.eval()
     with scores_folder(out, ctx) as tmp:
-        writer = ScoresWriter(tmp / part_name(ctx.rank), schema)
+        writer = ScoresWriter(tmp / part_name(ctx.rank), schema, shown=out / part_name(ctx.rank))
         try:
             for job in jobs:
                 n_dims = math.prod(job.images.shape)
@@ -325,7 +351,7 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
                 tallies.append((tuple(_set_key(job)), tally))
                 t0 = time.perf_counter()
                 for cols in score_images(model, job, batch_size, device, seed, shard=shard,
-                                         plan=plan, workers=workers):
+                                         plan=plan, workers=workers, fit=fit):
                     for total, members in groups.items():
                         cols[total] = np.sum([cols[m] for m in members], axis=0)
                     b = len(cols["log_px"])
@@ -336,8 +362,10 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
                     writer.write(cols)
                     progress.advance(b, b / max(time.perf_counter() - t0, 1e-9))
                     t0 = time.perf_counter()
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
     if ctx.world == 1:  # the running sums hold every row: no need to read the table back
         return [tally.summary(key) for key, tally in tallies]
     return summarize(out, keys) if ctx.is_main else []
@@ -353,24 +381,38 @@ def scores_folder(out: Path, ctx: DistContext) -> Iterator[Path]:
     of them have written their part, the main process renames it over ``out``.
 
     A failure leaves ``out`` as it was (the temporary folder is removed by the main
-    process when it fails, or by the next successful run).
+    process when it fails, or by the next successful run). Under torchrun the ranks
+    agree (:meth:`DistContext.agree`) where they used to wait for each other: when one
+    fails (its disk is full, its GPU memory runs out) every rank stops with its line,
+    and nothing is published.
     """
     out = Path(out)
     name = ctx.broadcast_object(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}" if ctx.is_main else None)
     tmp = out.parent / name
-    if ctx.is_main:
-        ensure_dir(out.parent)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    ctx.barrier()  # the folder exists before anyone writes into it
+    failure: Exception | None = None
     try:
-        yield tmp
-        ctx.barrier()  # every part is closed
         if ctx.is_main:
-            with sigint_deferred():  # a Ctrl-C between replace_dir's two renames would lose both
-                replace_dir(tmp, out)
-        ctx.barrier()  # the table is in place before anyone reads it
+            try:
+                ensure_dir(out.parent)
+                for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
+                with writing(out, existed=out.exists()):
+                    tmp.mkdir()
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                failure = exc
+        ctx.agree(failure)  # the folder exists before anyone writes into it
+        try:
+            yield tmp
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+            failure = exc
+        ctx.agree(failure)  # every part is closed, or every rank stops
+        if ctx.is_main:
+            try:
+                with sigint_deferred():  # a Ctrl-C between replace_dir's two renames would lose both
+                    replace_dir(tmp, out)
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                failure = exc
+        ctx.agree(failure)  # the table is in place before anyone reads it
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -519,21 +561,49 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
     dev = ctx.device
     if not ctx.is_main:
         notify, progress = (lambda m: None), None
-    model, info = load_checkpoint(rd.model, dev)
-    for name, value in (options or {}).items():
-        model.set_score_option(name, value)
-    jobs = build_jobs(info, ood, root=root, download=download, limit=limit,
-                      train_limit=train_limit, seed=seed, notify=notify, held_out=held_out,
-                      transforms=transforms)
-    terms, extras = model_columns(model, dev)
-    all_members = [*rd.ensemble_members()[1:], *members]
-    chosen = plan(rd, model, info, jobs, detectors=detectors, members=all_members,
-                  terms=terms, extra_columns=extras, device=dev, held_out=held_out)
-    summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
-                           seed=seed, progress=progress, plan=chosen, ctx=ctx,
-                           workers=workers)
-    if ctx.is_main:
-        with contextlib.suppress(FileNotFoundError):
-            rd.legacy_scores.unlink()  # superseded by scores/; readers would prefer it anyway
-        save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
+    before = folder_identity(rd.scores)
+    # what a fault keeps, looked at when its line is made (ood_audit.faults)
+    with keeping(lambda: _scores_kept(rd.scores, before)):
+        failure: Exception | None = None
+        try:
+            model, info = load_checkpoint(rd.model, dev)
+            for name, value in (options or {}).items():
+                model.set_score_option(name, value)
+            jobs = build_jobs(info, ood, root=root, download=download, limit=limit,
+                              train_limit=train_limit, seed=seed, notify=notify,
+                              held_out=held_out, transforms=transforms)
+            terms, extras = model_columns(model, dev)
+            all_members = [*rd.ensemble_members()[1:], *members]
+            chosen = plan(rd, model, info, jobs, detectors=detectors, members=all_members,
+                          terms=terms, extra_columns=extras, device=dev, held_out=held_out)
+        except Exception as exc:  # noqa: BLE001 - under torchrun every rank learns of it
+            failure = exc
+        ctx.agree(failure)  # one rank's unreadable data or full memory stops them all
+        summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
+                               seed=seed, progress=progress, plan=chosen, ctx=ctx,
+                               workers=workers, notify=notify)
+        if ctx.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                rd.legacy_scores.unlink()  # superseded by scores/; readers would prefer it anyway
+            save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
     return summaries
+
+
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when absent: tells whether a folder was replaced."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _scores_kept(out: Path, before: tuple[int, int] | None) -> str:
+    """What a failed ``score`` left in ``out``: the folder is swapped in whole, so the
+    previous table, or (a failure after publishing) the complete new one."""
+    now = folder_identity(out)
+    if now == before:
+        return f"previous scores kept ({out} as it was)" if before else "no scores written"
+    if now is None:
+        return f"{out} is gone (removed while scoring?)"
+    return f"the new scores in {out} are complete"

@@ -178,12 +178,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
     if tmp.exists():
         tmp.unlink()
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk while copying: no half copy left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _short(exc: BaseException) -> str:

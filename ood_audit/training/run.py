@@ -14,6 +14,7 @@ from ..config import RunConfig, from_dict, load_yaml
 from ..data import DATASETS, load_dataset
 from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
+from ..faults import keeping
 from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
 from .checkpoint import checkpoint_arch, read_metadata
@@ -138,19 +139,22 @@ def _train_run(config, out, *, resume, resume_epochs, data_root, download, runs_
         log = _quiet
     with contextlib.ExitStack() as stack:
         setup: object = None
+        failure: Exception | None = None
         try:
             if main:
                 setup = _prepare(config, out, resume, resume_epochs, runs_root, world, stack)
-        except UserError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad option or a read-only --out: all ranks learn it
             if dist is None:
                 raise
-            setup = exc
+            failure = exc
         if dist is not None:  # every rank fails, or goes on, with rank 0's verdict
+            dist.agree(failure)
             setup = dist.broadcast_object(setup)
-        if isinstance(setup, UserError):
-            raise setup
         root, config, fresh = setup
         rd = RunDir(root)
+        # what a fault of the machine (a full disk...) keeps, read off the files when the
+        # CLI makes its line (ood_audit.faults)
+        stack.enter_context(keeping(lambda: train_kept(rd)))
         device = dist.device if dist is not None else pick_device(config.train.device)
         train_set = load_dataset(config.data, "train", root=data_root, download=download,
                                  limit=config.train.limit)
@@ -198,6 +202,22 @@ def apply_fast_paths(model, model_name: str, names: list[str]) -> None:
                         "they apply to glow only: drop the flag(s)")
     for name in names:
         model.set_fast_path(name, True)
+
+
+def train_kept(rd: RunDir) -> str:
+    """What a run that stopped on a fault keeps, and how to go on: its checkpoint and
+    train_state.pt are written atomically, so they are the last complete epoch's."""
+    epoch = _checkpoint_epoch(rd.model)
+    go_on = f"continue with ood-audit train --resume --out {rd.root}"
+    if rd.train_state.exists():
+        if epoch:
+            return f"last complete checkpoint: epoch {epoch} ({rd.model}); {go_on}"
+        return f"no epoch finished; the state saved mid-epoch is kept; {go_on}"
+    if epoch > 1:  # a later epoch's weights without their state: _check_resumable refuses
+        return f"last complete checkpoint: epoch {epoch} ({rd.model}), which can be scored"
+    if rd.config.exists():  # a resume starts over, the same seed giving the same run
+        return f"no complete training state yet; {go_on} (it starts over)"
+    return f"nothing was written in {rd.root}"
 
 
 def _quiet(message: str) -> None:

@@ -235,8 +235,8 @@ class Trainer:
         }
         if self.device.type == "cuda":
             payload["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        with atomic_path(self.rd.train_state) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(self.rd.train_state) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)  # a file, not a path: a full disk's OSError stays in the chain
 
     def load_state(self) -> None:
         """Restore what :meth:`save_state` wrote; a damaged or foreign file is one UserError."""
@@ -414,9 +414,17 @@ class Trainer:
         return float(bits_per_dim(-nll_nats, self.n_dims)) if math.isfinite(nll_nats) else math.nan
 
     def _end_epoch(self, result: EpochResult) -> None:
-        """Checkpoint (epoch copy + model.safetensors), metrics table, train state (rank 0)."""
-        if not self.dist.is_main:
-            return
+        """Checkpoint (epoch copy + model.safetensors), metrics table, train state (rank 0).
+        Under DDP every rank stops with rank 0's line when its writes fail (a full disk)."""
+        failure = None
+        if self.dist.is_main:
+            try:
+                self._write_epoch(result)
+            except Exception as exc:  # noqa: BLE001 - the other ranks learn of it, then it is raised
+                failure = exc
+        self.dist.agree(failure)
+
+    def _write_epoch(self, result: EpochResult) -> None:
         every = keep_every(self.cfg.keep_checkpoints)
         epoch_path = self.rd.epoch_checkpoint(result.epoch)
         save_checkpoint(
