@@ -18,7 +18,7 @@ import typer
 from .. import __version__
 from ..errors import GateFailed, Interrupted, UserError
 from ..faults import describe as describe_fault
-from . import decompose_cmd, report_cmd, run_cmd, score_cmd, train_cmd
+from . import decompose_cmd, fetch_cmd, report_cmd, run_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
     name="ood-audit",
@@ -59,6 +59,7 @@ app.command("score")(score_cmd.score)
 app.command("decompose")(decompose_cmd.decompose)
 app.command("report")(report_cmd.report)
 app.command("run")(run_cmd.run)
+app.command("fetch")(fetch_cmd.fetch)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,22 +49,16 @@ def _load_idx(cls: type, name: str, split: str, root: Path, download: bool,
         if not download:
             raise UserError(f"could not read {title} from {raw} ({_one_line(exc)}): check the "
                             f"files' permissions, or pass --data-root DIR") from None
-        raise UserError(
-            f"could not download {title} into {raw} ({_one_line(exc)}): check the network, "
-            f"or copy the raw IDX files there and drop --download"
-        ) from None
+        raise UserError(_download_failed(cls, raw, _one_line(exc))) from None
     except RuntimeError as exc:
         message = str(exc)
         if message.startswith("Dataset not found"):
             raise UserError(
                 f"{title} not found in {raw}: pass --data-root DIR or set OOD_AUDIT_DATA to a "
-                f"folder holding {title}/raw, or add --download"
+                f"folder holding {title}/raw, or fetch it: ood-audit fetch {name} (or add --download)"
             ) from None
         if message.startswith("Error downloading"):
-            raise UserError(
-                f"could not download {title} into {raw} (no network?): copy the raw IDX files "
-                f"there yourself, or retry --download when online"
-            ) from None
+            raise UserError(_download_failed(cls, raw, _last_line(message))) from None
         # torchvision's reader fails with RuntimeError when the IDX header and size disagree
         raise _corrupt(title, raw, exc) from None
     except (AssertionError, TypeError, ValueError) as exc:  # torchvision's IDX header checks
@@ -75,6 +69,24 @@ def _load_idx(cls: type, name: str, split: str, root: Path, download: bool,
     if limit is not None and limit < len(images):
         images, labels = images[:limit].clone(), labels[:limit].clone()  # drop the full storage
     return ImageSet(name=name, split=split, images=images.unsqueeze(1).contiguous(), labels=labels)
+
+
+def by_hand(cls: type, raw: Path) -> str:
+    """What to fetch by hand when torchvision cannot: the archive URLs (one shell brace
+    list, so ``curl -O URL`` takes it as is) and the folder to gunzip them into."""
+    stems = ",".join(filename.removesuffix(".gz") for filename, _md5 in cls.resources)
+    return (f"fetch {cls.mirrors[0]}{{{stems}}}.gz by hand and gunzip them into {raw}, or point "
+            f"OOD_AUDIT_DATA at a folder that holds {cls.__name__}/raw")
+
+
+def _download_failed(cls: type, raw: Path, cause: str) -> str:
+    return f"could not download {cls.__name__} into {raw} ({cause or 'no network?'}): {by_hand(cls, raw)}"
+
+
+def _last_line(text: str) -> str:
+    """torchvision's "Error downloading F:\nTried M, got:\nCAUSE" -> CAUSE (the last mirror's)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _corrupt(title: str, raw: Path, exc: BaseException) -> UserError:
