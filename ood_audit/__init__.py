@@ -4,4 +4,4 @@ Reproduces Nalisnick et al., "Do Deep Generative Models Know What They Don't Kno
 (ICLR 2019) on any model and data set.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
