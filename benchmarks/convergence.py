@@ -397,11 +397,13 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     seeds = [int(s) for s in args.seeds.split(",")]
     load_before = loadavg()
-    by_impl: dict[str, list[dict]] = {}
-    for impl, directory in [("ours", None), *ports.items()]:
-        for seed in seeds:
+    by_impl: dict[str, list[dict]] = {"ours": [], **{name: [] for name in ports}}
+    # Seed-major order: each seed runs every implementation back to back, so a change in
+    # the machine's load during the benchmark falls on all of them alike.
+    for seed in seeds:
+        for impl, directory in [("ours", None), *ports.items()]:
             row = run_child(args, impl, seed, directory)
-            by_impl.setdefault(impl, []).append(row)
+            by_impl[impl].append(row)
             print(f"{impl} seed {seed}: test bits/dim {row['curve'][-1]['test_bpd']:.4f} after "
                   f"{row['train_seconds']:.0f} s of training", file=sys.stderr, flush=True)
     summary = summarise(by_impl)
