@@ -25,7 +25,8 @@ from ood_audit.analysis.detectors import (
 )
 from ood_audit.errors import UserError
 from ood_audit.scoring.features import FEATURES, compute_feature
-from ood_audit.training.trainer import perturb_pixels, seeded
+from ood_audit.seeds import seeded
+from ood_audit.training.trainer import perturb_pixels
 
 
 def rows(log_px, split="test", role="in", dataset="fashionmnist", **cols) -> pd.DataFrame:

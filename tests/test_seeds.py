@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.cli.app import main
 from ood_audit.config import RunConfig, TrainConfig
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
 from ood_audit.training import ensemble as ens
-from ood_audit.training.checkpoint import load_checkpoint
 from ood_audit.training.run import train_run
 
 

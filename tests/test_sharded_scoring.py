@@ -16,8 +16,9 @@ import pytest
 
 from ood_audit.analysis.tables import load_run_scores, scores_location
 from ood_audit.runs import RunDir
+from ood_audit.scoring.noise import NOISE_CHUNK, Shard
 from ood_audit.scoring.schema import canonical_order, read_scores
-from ood_audit.scoring.scorer import NOISE_CHUNK, Shard, score_run
+from ood_audit.scoring.scorer import score_run
 
 # 2100 images = chunks of 1024, 1024, 52: rank 0 takes chunks 0 and 2, rank 1 chunk 1.
 N_OOD = 2 * NOISE_CHUNK + 52

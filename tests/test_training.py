@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
+from ood_audit.checkpoint import load_checkpoint, read_metadata
 from ood_audit.config import RunConfig, TrainConfig, from_dict
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
-from ood_audit.training.checkpoint import load_checkpoint, read_metadata
 from ood_audit.training.run import train_run
 
 

@@ -160,9 +160,9 @@ def untrained_run(root, data) -> object:
     scores, not a good one, and training costs time."""
     import yaml
 
+    from ood_audit.checkpoint import save_checkpoint
     from ood_audit.models.registry import build_model, config_dict, resolve_model_config
     from ood_audit.runs import RunDir
-    from ood_audit.training.checkpoint import save_checkpoint
 
     rd = RunDir(root)
     rd.root.mkdir(parents=True)

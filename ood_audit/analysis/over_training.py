@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoint import load_checkpoint
+from ..device import pick_device
 from ..errors import UserError
 from ..runs import RunDir, atomic_path
+from ..scoring.batches import model_columns, score_images
+from ..scoring.jobs import build_jobs
 from ..scoring.schema import totals_for
-from ..scoring.scorer import ScoreProgress, build_jobs, model_columns, score_images
-from ..training.checkpoint import load_checkpoint
-from ..training.trainer import pick_device
+from ..scoring.scorer import ScoreProgress
 
 
 def over_training(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,

@@ -129,6 +129,7 @@ def _second_order(rd, df, meta, limit: int, batch: int, center: str, device: str
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..analysis import second_order as so
+    from ..report.second_order import second_order_note, second_order_tables
     from .console import err
 
     class Bar(so.SecondOrderProgress):
@@ -156,9 +157,9 @@ def _second_order(rd, df, meta, limit: int, batch: int, center: str, device: str
         result = so.second_order_run(rd, ood, limit=limit, root=data_root, batch_size=batch,
                                      device=device or "auto", seed=meta.dequant_seed,
                                      center=center, progress=progress)
-    gaps_t, var_t = so.second_order_tables(result)
+    gaps_t, var_t = second_order_tables(result)
     out.print(rich_table(gaps_t, f"Second-order prediction vs measured gap, {limit} images per "
                                  "set (nats per image, OOD minus in-distribution test)"))
     out.print(rich_table(var_t, "Per-channel variance of the dequantized pixels"))
-    out.print(so.second_order_note(result), highlight=False)
+    out.print(second_order_note(result), highlight=False)
     out.print(f"wrote {rd.second_order}", highlight=False)

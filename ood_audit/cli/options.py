@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from ..analysis.detectors import DETECTORS
-from ..data import DATASETS
-from ..models.fastpath import FAST_PATHS
+from ..data.registry import DATASETS
+from ..models.fastpath_names import FAST_PATHS
 from ..models.registry import MODELS
 
 

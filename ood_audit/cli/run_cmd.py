@@ -45,12 +45,12 @@ class RichExperimentHooks(ExperimentHooks):
             for gap in gaps:
                 out.print(gap.sentence(), highlight=False)
             if second is not None:
-                from ..analysis import second_order as so
+                from ..report.second_order import second_order_note, second_order_tables
                 from .decompose_cmd import rich_table
 
-                gaps_t, var_t = so.second_order_tables(second)
+                gaps_t, var_t = second_order_tables(second)
                 out.print(rich_table(gaps_t, "Second-order prediction vs measured gap (nats per image)"))
-                out.print(so.second_order_note(second), highlight=False)
+                out.print(second_order_note(second), highlight=False)
         elif step.kind == "report":
             from ..report.render import gate_table, metric_table
             from .decompose_cmd import rich_table

@@ -15,7 +15,9 @@ from ..analysis.tables import set_label
 from ..data.transforms import TRANSFORMS
 from ..distributed import dist_env, init_distributed
 from ..runs import resolve_run, run_lock
-from ..scoring.scorer import ScoreJob, ScoreProgress, SetSummary, folder_identity, score_run
+from ..scoring.jobs import ScoreJob
+from ..scoring.scorer import ScoreProgress, score_run
+from ..scoring.writer import SetSummary, folder_identity
 from .console import err, note
 from .console import out as stdout
 from .options import (

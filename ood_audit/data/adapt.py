@@ -25,9 +25,7 @@ import torch
 
 from ..errors import UserError
 from .images import ImageSet
-
-LUMA_BT601 = (0.299, 0.587, 0.114)
-CHUNK = 1024  # images per chunk
+from .transforms import CHUNK, LUMA_BT601
 
 
 def adapt_to_shape(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:

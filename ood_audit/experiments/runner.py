@@ -154,7 +154,7 @@ def check_data(exp: Experiment, steps: list[Step], status: list[str], *,
                data_root: Path | None, download: bool) -> None:
     """Fail before any work when a data set a pending step needs is missing: the data
     registry's one-line error names the files expected and where."""
-    from ..data import DATASETS, load_dataset
+    from ..data.registry import DATASETS, load_dataset
 
     if download:
         return  # the steps fetch what is missing

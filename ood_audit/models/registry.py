@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import from_dict
 from ..errors import UserError
+from ..parsing import from_dict
 from .base import DensityModel
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 from .glow_convert import GLOW_ARCH, upgrade_arch1

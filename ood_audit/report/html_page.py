@@ -34,6 +34,7 @@ from .render import (
     typicality_note,
     typicality_table,
 )
+from .second_order import second_order_note, second_order_tables
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1500px;
@@ -97,8 +98,6 @@ def _second_order(result: dict | None) -> list[str]:
     """The "Second-order prediction" section (decompose --second-order), or nothing."""
     if not result:
         return []
-    from ..analysis.second_order import second_order_note, second_order_tables
-
     gaps_t, var_t = second_order_tables(result)
     return ["<h3>Second-order prediction</h3>",
             f'<p class="note">{html.escape(second_order_note(result))}</p>',

@@ -33,11 +33,12 @@ import pandas as pd
 import torch
 
 from ..analysis.detectors import DETECTORS, DETECTORS_KEY, LEVEL_DIMS_KEY
+from ..checkpoint import CheckpointInfo, load_checkpoint
 from ..errors import UserError
 from ..models.base import DensityModel, sum_terms
 from ..runs import RunDir, resolve_run
 from ..training.background import background_dir
-from ..training.checkpoint import CheckpointInfo, load_checkpoint
+from .batches import model_columns
 from .features import FEATURES, compute_feature
 from .schema import (
     BACKGROUND_COLUMN,
@@ -108,6 +109,10 @@ class DetectorPlan:
             cols.append(ENSEMBLE_COLUMN)
         return [*cols, *self.features]
 
+    def batch_columns(self, cols: dict[str, np.ndarray], x: torch.Tensor,
+                      images: torch.Tensor) -> None:
+        batch_columns(self, cols, x, images)
+
 
 def latent_level_dims(model: DensityModel, terms: list[str],
                       device: torch.device) -> list[int] | None:
@@ -145,8 +150,6 @@ def _load_companion(path: Path, info: CheckpointInfo, column: str, label: str,
 
 def _member_totals(comp: Companion, index: int, device: torch.device) -> dict[str, list[str]]:
     """``{"log_pz_member{i}": [its log_pz_level terms], "logdet_member{i}": [...]}``."""
-    from .scorer import model_columns
-
     terms, _ = model_columns(comp.model, device)
     return {f"{MEMBER_TOTAL_PREFIXES[total]}{index}": members
             for total, members in totals_for(terms).items()}

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..checkpoint import checkpoint_arch, read_metadata
 from ..config import RunConfig, from_dict, load_yaml
-from ..data import DATASETS, load_dataset
+from ..data.registry import DATASETS, load_dataset
+from ..device import pick_device
 from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
 from ..faults import keeping
 from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
-from .checkpoint import checkpoint_arch, read_metadata
-from .trainer import EpochResult, Trainer, TrainProgress, pick_device
+from .trainer import EpochResult, Trainer, TrainProgress
 
 
 @dataclasses.dataclass
