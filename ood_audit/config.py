@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .data.transforms import parse_transforms
 from .errors import UserError
 from .models.fastpath_names import FAST_PATHS
 from .parsing import from_dict, load_yaml, require_positive, to_dict
 
-__all__ = ["MAX_SEED", "RunConfig", "TrainConfig", "from_dict", "keep_every", "load_yaml",
+__all__ = ["MAX_SEED", "REPORT_FORMATS", "SECOND_ORDER_CENTERS", "DecomposeConfig", "ReportConfig",
+           "RunConfig", "ScoreConfig", "TrainConfig", "from_dict", "keep_every", "load_yaml", "parse_formats",
            "require_positive", "to_dict"]
 
 #: Seeds torch.manual_seed accepts without wrapping: 0 .. 2**63 - 1.
@@ -109,3 +111,123 @@ class RunConfig:
     data: str = "fashionmnist"
     model_config: dict = field(default_factory=dict)  # overrides of the preset's values
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _strings(name: str, values: list | None) -> None:
+    if values is not None and not all(isinstance(v, str) and v for v in values):
+        raise UserError(f"{name} must be a list of non-empty strings, got {values!r}")
+
+
+@dataclass
+class ScoreConfig:
+    """``ood-audit score``: which sets to score and how. One field per option, with the
+    option's name (``transforms`` = repeated ``--transform``, ``detectors`` = repeated
+    ``--detector``, ``members`` = repeated ``--member``, ``fast_path`` = the fast-path
+    flags); an experiment file's ``score:`` section is the same mapping."""
+
+    ood: list[str] = field(default_factory=list)
+    limit: int | None = None  # the first N images of each set
+    train_limit: int = 2000  # in-distribution train images scored too (0: none)
+    batch_size: int = 256  # images per forward pass
+    seed: int = 0  # seed of the dequantization noise
+    held_out: bool = False  # train rows from after the model's training --limit
+    transforms: list[str] = field(default_factory=list)
+    detectors: list[str] | None = None  # None: every detector whose needs are met
+    members: list[str] = field(default_factory=list)  # other runs of the ensemble
+    iw_samples: int | None = None  # VAE: importance samples of the IWAE bound
+    workers: int | None = None  # DataLoader processes (None: 2 on CUDA, 0 on CPU)
+    fast_path: list[str] = field(default_factory=list)  # Glow fast paths (FAST_PATHS)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.ood:
+            raise UserError("name at least one OOD set to score: --ood mnist (ood: [mnist] "
+                            "in an experiment file)")
+        for name in ("ood", "transforms", "detectors", "fast_path"):
+            _strings(name, getattr(self, name))
+        self.members = [str(m) for m in self.members]
+        for name in ("limit", "batch_size", "iw_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{_flag(name)} must be positive, got {value}")
+        for name in ("train_limit", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{_flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
+            raise UserError(f"--workers must be 0 (dequantize in the scoring process) or a "
+                            f"positive number of worker processes, got {self.workers!r}")
+        bad = [n for n in self.fast_path if n not in FAST_PATHS]
+        if bad:
+            raise UserError(f"unknown fast path {bad[0]!r}; choose from {', '.join(FAST_PATHS)}")
+        if self.detectors is not None:
+            self.detectors = list(dict.fromkeys(self.detectors))
+        parse_transforms(self.transforms)  # a bad --transform fails before any work
+
+    def model_options(self) -> dict[str, object]:
+        """The scoring options set on the model (``DensityModel.set_score_option``)."""
+        options: dict[str, object] = {} if self.iw_samples is None else {"iw_samples": self.iw_samples}
+        return {**options, **dict.fromkeys(self.fast_path, True)}
+
+
+#: Expansion points of ``decompose --second-order``: the shared mean of the
+#: in-distribution test set and each OOD set, or the in-distribution test mean.
+SECOND_ORDER_CENTERS = ("pooled", "in")
+
+
+@dataclass
+class DecomposeConfig:
+    """``ood-audit decompose``: which analyses to run beside the decomposition."""
+
+    csv: bool = False  # decomposition.csv instead of decomposition.parquet
+    over_training: bool = False  # rescore a subset with every epoch checkpoint
+    over_training_limit: int = 500  # images per set for --over-training
+    second_order: bool = False  # the paper's second-order (Hessian trace) prediction
+    second_order_limit: int = 500  # images per set for --second-order
+    second_order_batch: int = 64  # Hessian-vector products per batch
+    second_order_center: str = "pooled"  # the expansion point: SECOND_ORDER_CENTERS
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("over_training_limit", "second_order_limit", "second_order_batch"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.second_order_center not in SECOND_ORDER_CENTERS:
+            raise UserError(f"--second-order-center must be one of "
+                            f"{', '.join(SECOND_ORDER_CENTERS)}, got {self.second_order_center!r}")
+
+
+#: Report outputs: --format name -> the file it writes.
+REPORT_FORMATS = {"html": "report.html", "md": "report.md", "json": "summary.json"}
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"html,md,json"`` -> ["html", "md", "json"]; UserError for anything else."""
+    formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    bad = [f for f in formats if f not in REPORT_FORMATS]
+    if bad or not formats:
+        raise UserError(f"--format {text!r}: choose one or more of {', '.join(REPORT_FORMATS)} "
+                        "separated by commas")
+    return list(dict.fromkeys(formats))
+
+
+@dataclass
+class ReportConfig:
+    """``ood-audit report``: outputs, CI gates and the bootstrap."""
+
+    formats: str = "html,md,json"  # comma-separated REPORT_FORMATS
+    gates: list[str] = field(default_factory=list)  # 'DATASET[:DETECTOR]:METRIC OP BOUND'
+    n_boot: int = 1000  # bootstrap resamples for the 95% intervals (0: none)
+    seed: int = 0  # seed of the bootstrap resampling
+    junit: str | None = None  # also a JUnit XML file, one testcase per gate
+
+    def __post_init__(self) -> None:
+        parse_formats(self.formats)
+        _strings("gates", self.gates)
+        if self.n_boot < 0:
+            raise UserError(f"--n-boot must be 0 or more, got {self.n_boot}")
+        if self.seed < 0:  # numpy's SeedSequence takes non-negative integers only
+            raise UserError(f"--seed must be 0 or more, got {self.seed}")

@@ -23,6 +23,7 @@ except files in it::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from .faults import keeping, writing
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 ENSEMBLE_FILE = "ensemble.json"
+BACKGROUND_DIR = "background"
 
 
 class RunDir:
@@ -57,6 +59,11 @@ class RunDir:
     lock = property(lambda self: self.root / ".lock")
 
     @property
+    def background(self) -> RunDir:
+        """``RUN/background``: the run's background model (likelihood ratio), a nested run."""
+        return RunDir(self.root / BACKGROUND_DIR)
+
+    @property
     def model(self) -> Path:
         """The run's weights; in an ensemble folder, member 0's (outputs stay in the folder)."""
         members = self.ensemble_members()
@@ -67,8 +74,6 @@ class RunDir:
         first; [] when this is not an ensemble folder."""
         if not self.ensemble.is_file():
             return []
-        import json
-
         try:
             members = json.loads(self.ensemble.read_text())["members"]
             if not members or not all(isinstance(m, str) for m in members):

@@ -13,15 +13,12 @@ import torch
 from fake_scores import D, fake_frame, fake_meta
 
 from ood_audit.analysis import typicality
-from ood_audit.analysis.detectors import (
-    DETECTORS,
-    LEVEL_DIMS_KEY,
+from ood_audit.analysis.detectors import DETECTORS, LEVEL_DIMS_KEY, level_ratio_score, waic_score
+from ood_audit.analysis.detectors.table import (
     applicable_detectors,
     available_detectors,
     compute_detector,
     detector_scores,
-    level_ratio_score,
-    waic_score,
 )
 from ood_audit.errors import UserError
 from ood_audit.scoring.features import FEATURES, compute_feature

@@ -19,7 +19,7 @@ from ood_audit.errors import UserError
 from ood_audit.report.build import build_report
 from ood_audit.runs import RunDir, resolve_run
 from ood_audit.scoring.batches import score_images
-from ood_audit.scoring.detect import log_mean_exp
+from ood_audit.scoring.companions import log_mean_exp
 from ood_audit.scoring.jobs import ScoreJob
 
 # ---------------------------------------------------------------- log-mean-exp

@@ -38,7 +38,7 @@ from ood_audit.distributed import DistContext
 from ood_audit.errors import UserError
 from ood_audit.models.base import DensityModel
 from ood_audit.runs import RunDir, run_lock
-from ood_audit.scoring.schema import read_scores
+from ood_audit.scoring.parquet import read_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",

@@ -24,7 +24,7 @@ from ood_audit.scoring.batches import score_images
 from ood_audit.scoring.jobs import ScoreJob, build_jobs
 from ood_audit.scoring.loader import dequantized_batches
 from ood_audit.scoring.noise import NOISE_CHUNK, Shard
-from ood_audit.scoring.schema import read_scores
+from ood_audit.scoring.parquet import read_scores
 from ood_audit.scoring.scorer import score_jobs
 from ood_audit.scoring.writer import summarize
 from ood_audit.seeds import seeded

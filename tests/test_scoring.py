@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from ood_audit.checkpoint import load_checkpoint, save_checkpoint
+from ood_audit.commands.score import score_run
 from ood_audit.data import load_dataset
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
 from ood_audit.scoring.batches import score_images
 from ood_audit.scoring.jobs import ScoreJob
-from ood_audit.scoring.schema import read_scores
-from ood_audit.scoring.scorer import score_jobs, score_run
+from ood_audit.scoring.parquet import read_scores
+from ood_audit.scoring.scorer import score_jobs
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, from_dict, load_yaml
+from ..config import DecomposeConfig, ReportConfig, RunConfig, ScoreConfig, from_dict, load_yaml
 from ..errors import UserError
 from ..runs import RunDir
 
@@ -42,62 +42,11 @@ class TrainSection(RunConfig):
                          model_config=dict(self.model_config), train=train)
 
 
-def _strings(name: str, values: list | None) -> None:
-    if values is not None and not all(isinstance(v, str) and v for v in values):
-        raise UserError(f"{name} must be a list of non-empty strings, got {values!r}")
-
-
 @dataclass
-class ScoreSection:
-    """``ood-audit score`` options (same names, ``transforms`` = repeated --transform)."""
-
-    ood: list = field(default_factory=list)
-    limit: int | None = None
-    train_limit: int = 2000
-    batch_size: int = 256
-    seed: int = 0
-    held_out: bool = False
-    transforms: list = field(default_factory=list)
-    detectors: list | None = None
-    iw_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.ood:
-            raise UserError("ood: name at least one OOD set (e.g. ood: [mnist])")
-        for name in ("ood", "transforms", "detectors"):
-            _strings(name, getattr(self, name))
-        for name in ("limit", "batch_size", "iw_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"{name} must be positive, got {value}")
-        if self.train_limit < 0 or self.seed < 0:
-            raise UserError("train_limit and seed must be zero or positive")
-
-
-@dataclass
-class DecomposeSection:
-    """``ood-audit decompose`` options."""
-
-    over_training: bool = False
-    over_training_limit: int = 500
-    second_order: bool = False  # the paper's second-order (Hessian trace) analysis
-    second_order_limit: int = 500
-    second_order_batch: int = 64
-    second_order_center: str = "pooled"  # pooled | in
-
-
-@dataclass
-class ReportSection:
+class ReportSection(ReportConfig):
     """``ood-audit report`` options; ``out`` is relative to the experiment's folder."""
 
-    gates: list = field(default_factory=list)
-    formats: str = "html,md,json"
-    n_boot: int = 1000
-    seed: int = 0
     out: str = "report"
-
-    def __post_init__(self) -> None:
-        _strings("gates", self.gates)
 
 
 @dataclass
@@ -122,8 +71,8 @@ class ExperimentFile:
     out: str | None = None  # default runs/<name>[-<variant>]
     train: dict = field(default_factory=dict)
     runs: list | None = None
-    score: ScoreSection | None = None
-    decompose: DecomposeSection = field(default_factory=DecomposeSection)
+    score: ScoreConfig | None = None
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     report: ReportSection = field(default_factory=ReportSection)
     variants: dict = field(default_factory=dict)
 
@@ -161,8 +110,8 @@ class Experiment:
     paper: str
     out: Path
     runs: list[PlannedRun]
-    score: ScoreSection
-    decompose: DecomposeSection
+    score: ScoreConfig
+    decompose: DecomposeConfig
     report: ReportSection
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import UserError
 from ..parsing import from_dict
 from .base import DensityModel
+from .catalog import MODEL_FAMILIES
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 from .glow_convert import GLOW_ARCH, upgrade_arch1
 from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
@@ -43,7 +44,7 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "glow": ModelSpec(
         name="glow",
-        summary="Glow with affine coupling (Kingma & Dhariwal 2018)",
+        summary=MODEL_FAMILIES["glow"],
         config_cls=GlowConfig,
         presets=GLOW_PRESETS,
         fixed={"coupling": "affine"},
@@ -54,7 +55,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "glow-cv": ModelSpec(
         name="glow-cv",
-        summary="constant-volume Glow: additive coupling, log|det| independent of x",
+        summary=MODEL_FAMILIES["glow-cv"],
         config_cls=GlowConfig,
         presets=GLOW_PRESETS,
         fixed={"coupling": "additive"},
@@ -65,8 +66,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "vae": ModelSpec(
         name="vae",
-        summary="conv VAE, discretized logistic decoder, scored by the IWAE bound "
-                "(Kingma & Welling 2014; Burda et al. 2016)",
+        summary=MODEL_FAMILIES["vae"],
         config_cls=VAEConfig,
         presets=VAE_PRESETS,
         fixed={},
@@ -74,8 +74,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "pixelcnn": ModelSpec(
         name="pixelcnn",
-        summary="PixelCNN++: gated two-stream autoregressive model, discretized logistic "
-                "mixture (Salimans et al. 2017)",
+        summary=MODEL_FAMILIES["pixelcnn"],
         config_cls=PixelCNNConfig,
         presets=PIXELCNN_PRESETS,
         fixed={},

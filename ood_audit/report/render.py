@@ -9,30 +9,12 @@ format those rows, so they never disagree on a number.
 from __future__ import annotations
 
 import json
-import math
 
-import pandas as pd
-
-from ..analysis.decomposition import pretty
+from ..scoring.schema import pretty
 from .second_order import second_order_note, second_order_tables
 from .table import Interval, Table, md_table, num, pct, slug, with_ci
 
-__all__ = ["Interval", "Table", "jsonable", "md_table", "num", "pct", "slug", "with_ci"]
-
-
-def jsonable(obj):
-    """A copy with NaN/inf as None and numpy scalars as Python ones (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()  # numpy scalar
-    if obj is None or obj is pd.NA:
-        return None
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+__all__ = ["Interval", "Table", "md_table", "num", "pct", "slug", "with_ci"]
 
 
 METRIC_HEADERS = ["AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR", "OOD above in-median"]

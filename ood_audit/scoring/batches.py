@@ -37,7 +37,7 @@ def score_images(model: DensityModel, job: ScoreJob, batch_size: int, device: to
                  fit: ForwardSize | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield column dicts (numpy, one entry per image) for batches of ``job``'s images.
 
-    ``plan`` (a :class:`~ood_audit.scoring.detect.DetectorPlan`): also score its
+    ``plan`` (a :class:`~ood_audit.scoring.companions.InputPlan`): also score its
     companion models on the same x and add its data features, batch by batch.
     ``workers``: DataLoader processes dequantizing the next chunks
     (:func:`~ood_audit.scoring.loader.dequantized_batches`; None: 2 on CUDA, 0 on CPU);

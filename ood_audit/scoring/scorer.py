@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +28,20 @@ import torch
 
 from .. import __version__
 from ..checkpoint import CheckpointInfo, load_checkpoint
-from ..data.transforms import parse_transforms
+from ..config import ScoreConfig
 from ..device import pick_device
 from ..distributed import DistContext, dist_env, init_distributed
-from ..errors import UserError
 from ..faults import keeping
 from ..models.base import DensityModel
 from ..runs import RunDir
 from .batch_fit import ForwardSize
 from .batches import model_columns, score_images
-from .detect import plan, plan_metadata
+from .companions import InputPlan
 from .jobs import ScoreJob, build_jobs, set_key, transforms_meta
-from .loader import check_workers
 from .noise import Shard
+from .parquet import arrow_schema
 from .pixel_maps import save_pixel_maps
-from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, arrow_schema, part_name, totals_for
+from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, part_name, totals_for
 from .writer import ScoresWriter, SetSummary, SetTotals, folder_identity, scores_folder, summarize
 
 
@@ -64,7 +64,8 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     published atomically once every process is done) and return per-set summaries (on
     the main process; [] on the others).
 
-    ``plan``: the detectors' companion models and features, scored in the same batches.
+    ``plan``: the detectors' extra inputs (:class:`~.companions.InputPlan`: companion
+    models, data features), scored in the same batches.
     ``ctx``: this process's place in a torchrun group (None: a single process).
     ``workers``: DataLoader processes dequantizing ahead (None: 2 on CUDA, 0 on CPU).
     ``notify``: where the one note goes when CUDA memory forces smaller forward passes.
@@ -84,7 +85,7 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
                SETS_KEY: json.dumps([set_key(j) for j in jobs]),
                **{f"model.{k}": v for k, v in model.extra_metadata().items()},
                **transforms_meta(jobs),
-               **({} if plan is None else plan_metadata(plan, jobs))},
+               **({} if plan is None else plan.metadata(jobs))},
         extra_columns=[*extras, *plan_columns],
     )
     schema = arrow_schema(terms, [*groups, *extras, *plan_columns], [], meta)
@@ -123,38 +124,27 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
     return summarize(out, keys) if ctx.is_main else []
 
 
-def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download: bool = False,
-              limit: int | None = None, train_limit: int | None = 2000, batch_size: int = 256,
-              device: str = "auto", seed: int = 0, notify=print,
-              progress: ScoreProgress | None = None,
-              options: dict[str, object] | None = None,
-              detectors: list[str] | None = None, members: list[Path] = (),
-              held_out: bool = False,
-              transforms: list[str] | tuple[str, ...] = (),
-              workers: int | None = None) -> list[SetSummary]:
-    """``ood-audit score`` as a library call: writes ``rd.scores`` and returns summaries.
+#: ``(model, checkpoint info, jobs, device) -> InputPlan``: what the detectors need
+#: beyond the model's terms (``ood_audit.commands.score`` decides).
+InputsFor = Callable[[DensityModel, CheckpointInfo, list[ScoreJob], torch.device], InputPlan | None]
 
-    ``options`` are the model's scoring options (``{"iw_samples": 64}`` for a VAE).
-    ``detectors``: the detectors whose inputs to write and whose ``score_<name>`` columns
-    readers add (None: every one whose inputs can be had); ``members``: other runs forming
-    an ensemble with this one (WAIC, ensemble; an ensemble folder's members come first);
-    ``held_out``: train rows from after the model's training ``--limit``. See
-    :mod:`ood_audit.scoring.detect`. ``transforms``: tags (``grayscale``,
-    ``contrast=0.5``, ``invert``) each scoring a transformed copy of the in-distribution
-    test set and every OOD set (:func:`build_jobs`). ``workers``: DataLoader processes
-    dequantizing the next chunks while the model scores (None: 2 on CUDA, 0 on CPU);
-    the numbers do not depend on it.
 
-    Under torchrun (``WORLD_SIZE`` > 1) every process scores its share of each set
-    (:class:`Shard`) into ``scores/part-<rank>.parquet``; only the main process reports
-    progress and returns summaries (the others return []).
+def write_scores(rd: RunDir, cfg: ScoreConfig, *, root: Path | None = None, download: bool = False,
+                 notify=print, progress: ScoreProgress | None = None,
+                 inputs_for: InputsFor | None = None) -> list[SetSummary]:
+    """Score the sets of ``cfg`` with the run's checkpoint into ``rd.scores`` and return
+    per-set summaries: the scoring half of ``ood-audit score`` (the command adds the
+    lock, the choice of detectors and the summary of their AUROCs).
+
+    ``inputs_for`` is called once the model and the sets are loaded, before anything is
+    scored, and returns the extra inputs to write (:class:`~.companions.InputPlan`;
+    None: the model's terms only). Under torchrun (``WORLD_SIZE`` > 1) every process
+    scores its share of each set (:class:`~.noise.Shard`) into
+    ``scores/part-<rank>.parquet``; only the main process reports progress and returns
+    summaries (the others return []).
     """
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    check_workers(workers)
-    parse_transforms(list(transforms))  # a bad --transform fails before the model loads
     # under torchrun the rank picks its GPU (cuda:LOCAL_RANK); alone, --device is checked as usual
-    ctx = init_distributed(device if dist_env()[1] > 1 else pick_device(device))
+    ctx = init_distributed(cfg.device if dist_env()[1] > 1 else pick_device(cfg.device))
     dev = ctx.device
     if not ctx.is_main:
         notify, progress = (lambda m: None), None
@@ -164,25 +154,22 @@ def score_run(rd: RunDir, ood: list[str], *, root: Path | None = None, download:
         failure: Exception | None = None
         try:
             model, info = load_checkpoint(rd.model, dev)
-            for name, value in (options or {}).items():
+            for name, value in cfg.model_options().items():
                 model.set_score_option(name, value)
-            jobs = build_jobs(info, ood, root=root, download=download, limit=limit,
-                              train_limit=train_limit, seed=seed, notify=notify,
-                              held_out=held_out, transforms=transforms)
-            terms, extras = model_columns(model, dev)
-            all_members = [*rd.ensemble_members()[1:], *members]
-            chosen = plan(rd, model, info, jobs, detectors=detectors, members=all_members,
-                          terms=terms, extra_columns=extras, device=dev, held_out=held_out)
+            jobs = build_jobs(info, cfg.ood, root=root, download=download, limit=cfg.limit,
+                              train_limit=cfg.train_limit, seed=cfg.seed, notify=notify,
+                              held_out=cfg.held_out, transforms=cfg.transforms)
+            plan = inputs_for(model, info, jobs, dev) if inputs_for is not None else None
         except Exception as exc:  # noqa: BLE001 - under torchrun every rank learns of it
             failure = exc
         ctx.agree(failure)  # one rank's unreadable data or full memory stops them all
-        summaries = score_jobs(model, info, jobs, rd.scores, batch_size=batch_size, device=dev,
-                               seed=seed, progress=progress, plan=chosen, ctx=ctx,
-                               workers=workers, notify=notify)
+        summaries = score_jobs(model, info, jobs, rd.scores, batch_size=cfg.batch_size,
+                               device=dev, seed=cfg.seed, progress=progress, plan=plan, ctx=ctx,
+                               workers=cfg.workers, notify=notify)
         if ctx.is_main:
             with contextlib.suppress(FileNotFoundError):
                 rd.legacy_scores.unlink()  # superseded by scores/; readers would prefer it anyway
-            save_pixel_maps(model, jobs, rd.pixel_maps, dev, seed)
+            save_pixel_maps(model, jobs, rd.pixel_maps, dev, cfg.seed)
     return summaries
 
 

@@ -23,7 +23,8 @@ from ..distributed import DistContext
 from ..faults import writing
 from ..interrupts import sigint_deferred
 from ..runs import ensure_dir, replace_dir
-from .schema import SET_COLUMNS, ScoresMeta, scores_files, set_order
+from .parquet import scores_files, set_order
+from .schema import SET_COLUMNS, ScoresMeta
 
 ROW_GROUP = 8192
 #: Columns worth dictionary-encoding (few distinct values). Float columns are not: their

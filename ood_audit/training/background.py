@@ -21,19 +21,17 @@ from pathlib import Path
 
 from ..config import from_dict
 from ..errors import UserError
-from ..runs import RUNS_ROOT, RunDir
+from ..runs import BACKGROUND_DIR, RUNS_ROOT, RunDir
 from .run import TrainOutcome, load_run_config, train_run
 from .trainer import TrainProgress
 
-BACKGROUND_DIR = "background"
 DEFAULT_MU = 0.1  # Ren et al. tune mu in [0.1, 0.2] on held-out data
 DEFAULT_WEIGHT_DECAY = 1e-4  # L2 coefficient (Adam's coupled weight decay = an L2 penalty)
 
 
 def background_dir(run: RunDir | Path) -> RunDir:
     """``RUN/background``: where a run's background model lives."""
-    root = run.root if isinstance(run, RunDir) else Path(run)
-    return RunDir(root / BACKGROUND_DIR)
+    return (run if isinstance(run, RunDir) else RunDir(Path(run))).background
 
 
 def train_background(

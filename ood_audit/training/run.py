@@ -208,7 +208,7 @@ def apply_fast_paths(model, model_name: str, names: list[str]) -> None:
 def train_kept(rd: RunDir) -> str:
     """What a run that stopped on a fault keeps, and how to go on: its checkpoint and
     train_state.pt are written atomically, so they are the last complete epoch's."""
-    epoch = _checkpoint_epoch(rd.model)
+    epoch = checkpoint_epoch(rd.model)
     go_on = f"continue with ood-audit train --resume --out {rd.root}"
     if rd.train_state.exists():
         if epoch:
@@ -240,7 +240,7 @@ def _check_resumable(rd: RunDir) -> None:
     if not rd.config.exists():
         raise UserError(f"nothing to resume in {rd.root}: it has no config.yaml "
                         "(start a new run without --resume)")
-    if not rd.train_state.exists() and _checkpoint_epoch(rd.model) > 1:
+    if not rd.train_state.exists() and checkpoint_epoch(rd.model) > 1:
         raise UserError(f"{rd.root} has model.safetensors but no train_state.pt, so it cannot "
                         "continue exactly: score it as it is, or start a new run")
 
@@ -261,7 +261,7 @@ def _check_same_arch(rd: RunDir, config: RunConfig) -> None:
                         "(ood-audit score) but cannot be resumed; start a new run")
 
 
-def _checkpoint_epoch(path: Path) -> int:
+def checkpoint_epoch(path: Path) -> int:
     """The epoch in a checkpoint's header; 0 when there is none or it is unreadable.
 
     A train killed between writing epoch 1's weights and its train_state.pt leaves
