@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .data.transforms import parse_transforms
 from .errors import UserError
@@ -104,13 +105,26 @@ def keep_every(policy: str) -> int | None:
 
 @dataclass
 class RunConfig:
-    """Everything that defines a training run; saved as the run's ``config.yaml``."""
+    """Everything that defines a training run; saved as the run's ``config.yaml``.
+
+    ``model_config`` is the model family's config dataclass (``GlowConfig``...): given as
+    a mapping of overrides (YAML, ``model_config: {hidden: 32}``), it is resolved on
+    construction over the preset and the family's fixed settings, and checked there once
+    (:func:`~ood_audit.models.registry.model_settings`). Unknown model, preset or key:
+    a UserError. ``config.yaml`` keeps the resolved values.
+    """
 
     model: str = "glow"
     preset: str = "small"
     data: str = "fashionmnist"
-    model_config: dict = field(default_factory=dict)  # overrides of the preset's values
+    model_config: Any = None  # the family's config; a mapping of overrides until resolved
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # the registry builds models (torch): loaded when a run config is made, not for --help
+        from .models.registry import model_settings
+
+        self.model_config = model_settings(self.model, self.preset, self.model_config)
 
 
 def _flag(name: str) -> str:

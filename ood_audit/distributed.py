@@ -6,9 +6,8 @@ on CUDA with device ``cuda:LOCAL_RANK``) and hands back a :class:`DistContext`. 
 those variables (or with ``WORLD_SIZE=1``) it is a no-op and every method of the context
 does the single-process thing, so callers never branch on "am I distributed".
 
-This module imports nothing from the rest of the package but :mod:`ood_audit.errors` (and
-:mod:`ood_audit.faults`, which imports nothing), so
-training, scoring and the CLI can all use it without import cycles.
+A low module: it imports only :mod:`ood_audit.errors`, :mod:`ood_audit.faults` and
+:mod:`ood_audit.torchrun_env`, so training and scoring can all use it.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as tdist
 
 from .errors import UserError
+from .faults import PeerFault, what_failed
 from .torchrun_env import dist_env
 
 _CONTEXT: DistContext | None = None
@@ -100,8 +100,6 @@ class DistContext:
             raise failure
         for rank, line in enumerate(lines):
             if line is not None:
-                from .faults import PeerFault
-
                 kind, what, advice = line
                 if kind == "fault":
                     raise PeerFault(what, advice)
@@ -125,8 +123,6 @@ class DistContext:
 
 def _shared_line(exc: BaseException) -> tuple[str, str, str | None]:
     """(kind, text, advice) of a rank's failure, sent to the other ranks (picklable)."""
-    from .faults import what_failed
-
     failed = what_failed(exc)
     if failed is not None:
         return "fault", failed[0], failed[1]

@@ -23,9 +23,13 @@ except files in it::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,8 +99,6 @@ class RunDir:
 
 def new_run_name(model: str, data: str) -> str:
     """A fresh, sortable run name such as ``glow-fashionmnist-20261128-161500``."""
-    import time
-
     return f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -226,9 +228,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     first and deleted after: a reader sees the old table or the new one, or (for the
     instant between the two renames) none, never a mixture of parts.
     """
-    import shutil
-    import uuid
-
     tmp, final = Path(tmp), Path(final)
     with writing(final, existed=final.exists()):
         for f in tmp.iterdir():  # the parts' bytes are on disk before the folder appears
@@ -262,8 +261,6 @@ def run_lock(rd: RunDir, what: str) -> Iterator[None]:
     ends however it ends (even SIGKILL), so a stale file never blocks a later run. The
     file names the holder (``pid N (what)``) for the second process's message.
     """
-    import fcntl
-
     ensure_dir(rd.root, "run directory")
     with writing(rd.lock, "lock", existed=False), keeping("nothing was changed"):
         fh = open(rd.lock, "a+")
@@ -289,8 +286,6 @@ def refuse_if_locked(rd: RunDir) -> None:
     Creates nothing: a command calls it before its own checks, so a second ``train`` on
     a busy run says who holds it rather than "already holds a run".
     """
-    import fcntl
-
     if not rd.lock.is_file():
         return
     try:

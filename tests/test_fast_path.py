@@ -20,7 +20,7 @@ import torch
 from ood_audit.data import bits_per_dim
 from ood_audit.errors import UserError
 from ood_audit.models.fastpath import FastPath, tune_cpu_allocator
-from ood_audit.models.flows.layers import ActNorm, EdgeConv2d, InvConv1x1
+from ood_audit.models.flows import ActNorm, EdgeConv2d, InvConv1x1
 from ood_audit.models.glow import Glow, GlowConfig
 from ood_audit.scoring.loader import dequantized_batches
 from ood_audit.scoring.noise import NOISE_CHUNK, Shard, dequantized_chunks

@@ -54,11 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import load_checkpoint
+from ..config import SECOND_ORDER_CENTERS, DecomposeConfig
+from ..device import pick_device
 from ..errors import UserError
 from ..models.glow import Glow
 from ..runs import RunDir, atomic_write_text
-
-CENTERS = ("in", "pooled")  # x0: in-distribution test mean, or mean of (in-dist. + OOD set)
+from ..scoring.jobs import build_jobs
+from ..scoring.noise import dequantized_chunks
 
 
 class SecondOrderProgress:
@@ -98,7 +101,7 @@ def hvp_rows(model, x0: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return g.detach(), hv
 
 
-def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = 64,
+def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = DecomposeConfig.second_order_batch,
                     progress: SecondOrderProgress | None = None) -> Tensor:
     """v_i^T H(x0) v_i for every row of ``v`` ``[N, C, H, W]``, shape ``[N]``."""
     out = []
@@ -111,7 +114,7 @@ def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = 64,
     return torch.cat(out)
 
 
-def trace_h_sigma(model, x0: Tensor, x: Tensor, batch_size: int = 64,
+def trace_h_sigma(model, x0: Tensor, x: Tensor, batch_size: int = DecomposeConfig.second_order_batch,
                   progress: SecondOrderProgress | None = None) -> tuple[float, float]:
     """(Tr(H(x0) Sigma), its standard error), Sigma the sample covariance (1/N) of ``x``
     centred on its own mean."""
@@ -285,13 +288,15 @@ def _set_stats(model, x0, x, lp, batch_size, progress, label) -> dict:
             "trace_h_sigma": tr, "trace_se": se, **channel_variances(pixel_variances(x))}
 
 
-def second_order(model, images: dict[str, Tensor], reference: str, *, center: str = "pooled",
-                 batch_size: int = 64, progress: SecondOrderProgress | None = None) -> dict:
+def second_order(model, images: dict[str, Tensor], reference: str, *,
+                 center: str = DecomposeConfig.second_order_center,
+                 batch_size: int = DecomposeConfig.second_order_batch,
+                 progress: SecondOrderProgress | None = None) -> dict:
     """Predicted vs measured gap of every OOD set in ``images`` (name -> dequantized
     ``[N, C, H, W]``) against ``images[reference]``. JSON-ready dict (see the CLI)."""
     check_differentiable(model)
-    if center not in CENTERS:
-        raise UserError(f"center must be one of {', '.join(CENTERS)}, got {center!r}")
+    if center not in SECOND_ORDER_CENTERS:
+        raise UserError(f"center must be one of {', '.join(SECOND_ORDER_CENTERS)}, got {center!r}")
     if batch_size <= 0:
         raise UserError(f"--second-order-batch must be positive, got {batch_size}")
     progress = progress or SecondOrderProgress()
@@ -338,22 +343,17 @@ def second_order(model, images: dict[str, Tensor], reference: str, *, center: st
 
 def _dequantized(images: Tensor, seed: int, key: int) -> Tensor:
     """The scorer's dequantization, so these are the very x the scores were computed on."""
-    from ..scoring.noise import dequantized_chunks
-
     return torch.cat([chunk for _, chunk in dequantized_chunks(images, seed, key)])
 
 
-def second_order_run(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,
-                     download: bool = False, batch_size: int = 64, device: str = "auto",
-                     seed: int = 0, center: str = "pooled",
+def second_order_run(rd: RunDir, ood: list[str], *, limit: int = DecomposeConfig.second_order_limit,
+                     root: Path | None = None, download: bool = False,
+                     batch_size: int = DecomposeConfig.second_order_batch, device: str = "auto",
+                     seed: int = 0, center: str = DecomposeConfig.second_order_center,
                      progress: SecondOrderProgress | None = None) -> dict:
     """Load the run's model and the first ``limit`` images of its in-distribution test set
     and of each OOD set, dequantized with the scorer's seeded noise; write and return
     ``rd.second_order``."""
-    from ..checkpoint import load_checkpoint
-    from ..device import pick_device
-    from ..scoring.jobs import build_jobs
-
     if limit <= 0:
         raise UserError(f"--second-order-limit must be positive, got {limit}")
     dev = pick_device(device)

@@ -67,10 +67,13 @@ def score(
     log p(x) and the ensemble's with --member, PNG length); readers add the detector
     scores. RUN an ensemble folder (train --seeds) scores every member.
 
-    Sharded: torchrun --nproc_per_node N -m ood_audit score RUN ... splits every set across
-    N processes, each writing RUN/scores/part-<rank>.parquet; the numbers are the same.
+    Sharded across N processes (each writes RUN/scores/part-<rank>.parquet; the numbers
+    are the same):
+
+    torchrun --nproc_per_node N -m ood_audit score RUN --ood mnist
 
     Example: ood-audit score runs/latest --ood mnist --ood noise-uniform --limit 2000
+
     Variance sweep: ood-audit score --ood svhn --transform contrast=0.5 --transform grayscale
 
     Ctrl-C stops with exit code 130; RUN/scores keeps its previous table (a partial one is

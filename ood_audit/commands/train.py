@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, TrainConfig, from_dict
+from ..config import RunConfig, TrainConfig, from_dict, load_yaml
 from ..errors import UserError
 from ..runs import ENSEMBLE_FILE, RunDir, resolve_run
 from ..training.background import DEFAULT_MU, DEFAULT_WEIGHT_DECAY, train_background
 from ..training.ensemble import member_name, parse_seeds, train_ensemble
-from ..training.run import TrainOutcome, load_run_config, train_run
+from ..training.run import TrainOutcome, train_run
 from ..training.trainer import TrainProgress
 
 
@@ -69,10 +69,11 @@ class TrainRequest:
 
     def run_config(self) -> RunConfig:
         """The ``--config`` file (else the defaults), then the flags over it."""
-        cfg = load_run_config(self.config_file) if self.config_file else RunConfig()
-        for key in ("model", "data", "preset"):
-            if getattr(self, key) is not None:
-                setattr(cfg, key, getattr(self, key))
+        raw = load_yaml(self.config_file) if self.config_file else {}
+        flags = {k: getattr(self, k) for k in ("model", "data", "preset")
+                 if getattr(self, k) is not None}
+        where = str(self.config_file) if self.config_file else "train options"
+        cfg = from_dict(RunConfig, {**raw, **flags}, where=where)
         overrides = dict(self.train)
         if self.fast_path:  # added to the config file's fast_path, if any
             overrides["fast_path"] = [*cfg.train.fast_path, *self.fast_path]

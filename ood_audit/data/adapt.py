@@ -68,7 +68,7 @@ def adapt_to_shape(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import InterpolationMode  # lazy: start-up time
+    from torchvision.transforms.v2 import functional as F  # lazy: start-up time
 
     return F.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)

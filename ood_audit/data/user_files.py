@@ -137,7 +137,7 @@ def _check_labels(labels: np.ndarray, n: int, shown: str) -> torch.Tensor:
 
 
 def _read_folder(folder: Path, shown: str, limit: int | None):
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time
 
     files = sorted(
         (f for f in folder.iterdir()

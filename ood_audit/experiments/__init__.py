@@ -23,22 +23,11 @@ interrupted one resumes); the other steps when ``OUT/experiment.json`` records t
 with the same inputs and their output exists, and nothing before them was redone.
 """
 
-import importlib
-
 from .hooks import ExperimentHooks
 from .plan import plan, train_argv
+from .runner import ExperimentResult, run_experiment, statuses
 from .spec import STATE_FILE, STEPS, Experiment, Step, load_experiment, second_order_available
-
-#: Names of the runner, imported on first access (PEP 562): it loads the library the
-#: steps call, which the CLI's ``run --help`` and ``--dry-run`` file checks do without.
-_RUNNER = ("ExperimentResult", "run_experiment", "statuses")
 
 __all__ = ["STATE_FILE", "STEPS", "Experiment", "ExperimentHooks", "ExperimentResult", "Step",
            "load_experiment", "plan", "run_experiment", "second_order_available", "statuses",
            "train_argv"]
-
-
-def __getattr__(name: str):
-    if name not in _RUNNER:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.runner"), name)

@@ -34,11 +34,13 @@ def train_argv(rd: RunDir, cfg: RunConfig, seeds: list | None = None) -> tuple[l
         argv, prelude = train_argv(rd, cfg)
         return argv[:-2] + rest + argv[-2:], prelude
     rest = {k: v for k, v in to_dict(cfg.train).items() if k not in _TRAIN_FLAGS}
-    if cfg.model_config or rest != {k: v for k, v in to_dict(default).items() if k in rest}:
+    preset = to_dict(RunConfig(model=cfg.model, preset=cfg.preset).model_config)
+    changed = {k: v for k, v in to_dict(cfg.model_config).items() if v != preset[k]}
+    if changed or rest != {k: v for k, v in to_dict(default).items() if k in rest}:
         conf = rd.root.parent / f"{rd.root.name}.train.yaml"
         # Only what differs from the defaults: the file reads like examples/demo.yaml.
         short = {"model": cfg.model, "preset": cfg.preset, "data": cfg.data,
-                 **({"model_config": cfg.model_config} if cfg.model_config else {}),
+                 **({"model_config": changed} if changed else {}),
                  "train": {k: v for k, v in to_dict(cfg.train).items() if v != getattr(default, k)}}
         text = yaml.safe_dump(short, sort_keys=False)
         prelude = (f"mkdir -p {shlex.quote(str(conf.parent))}\n"

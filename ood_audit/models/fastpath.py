@@ -25,6 +25,11 @@ import torch
 
 from ..errors import UserError
 from .fastpath_names import FAST_PATHS
+from .flows.coupling import AffineCoupling
+from .flows.invconv import InvConv1x1
+
+__all__ = ["FAST_PATHS", "FastPath", "activation_memory_format", "apply_memory_format",
+           "apply_to_layers", "enable_tf32", "require_compile", "tune_cpu_allocator"]
 
 
 @dataclass
@@ -143,3 +148,15 @@ def apply_memory_format(x: torch.Tensor, fast: FastPath) -> torch.Tensor:
     if x.dim() == 4 and fmt is torch.channels_last:
         return x.contiguous(memory_format=fmt)
     return x
+
+
+def apply_to_layers(model: torch.nn.Module, fast: FastPath) -> None:
+    """Set the precision knobs of the layers that have one: the coupling networks run in
+    bfloat16 with ``bf16``; the 1x1 convolutions in float64 with ``tf32`` (which would
+    lower their precision). Everything else a fast path changes is applied by the
+    composite around the layers (:class:`~ood_audit.models.flows.multiscale.MultiScaleFlow`)."""
+    for module in model.modules():
+        if isinstance(module, AffineCoupling):
+            module.bf16 = fast.bf16
+        if isinstance(module, InvConv1x1):
+            module.float64 = fast.tf32

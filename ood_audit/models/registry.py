@@ -91,16 +91,22 @@ def get_spec(name: str) -> ModelSpec:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def resolve_model_config(
-    name: str, preset: str, overrides: dict[str, Any], input_shape: tuple[int, int, int]
-) -> tuple[Any, list[str]]:
-    """The full config of model ``name``: preset, then overrides, then the family's fixed
-    settings, then fitted to the input shape. Returns the config and notes to print."""
+def model_settings(name: str, preset: str, config: Any = None) -> Any:
+    """The config dataclass of model ``name``: its preset, then ``config`` (a mapping of
+    overrides, or a config of the family), then the family's fixed settings; the one place
+    a run's ``model_config`` is checked (:class:`~ood_audit.config.RunConfig` calls it)."""
     spec = get_spec(name)
     if preset not in spec.presets:
         raise UserError(
             f"model {name!r} has no preset {preset!r}; choose one of: {', '.join(spec.presets)}"
         )
+    if dataclasses.is_dataclass(config):
+        if not isinstance(config, spec.config_cls):
+            raise UserError(f"model_config is a {type(config).__name__}; model {name!r} takes a "
+                            f"{spec.config_cls.__name__}")
+        overrides = config_dict(config)
+    else:
+        overrides = dict(config or {})
     clash = sorted(k for k in overrides if k in spec.fixed and overrides[k] != spec.fixed[k])
     if clash:
         raise UserError(
@@ -108,8 +114,15 @@ def resolve_model_config(
             "drop it from model_config or pick the other model family"
         )
     merged = {**spec.presets[preset], **overrides, **spec.fixed}
-    config = from_dict(spec.config_cls, merged, where=f"model_config of {name}")
-    config, note = spec.fit(config, input_shape)
+    return from_dict(spec.config_cls, merged, where=f"model_config of {name}")
+
+
+def resolve_model_config(
+    name: str, preset: str, overrides: Any, input_shape: tuple[int, int, int]
+) -> tuple[Any, list[str]]:
+    """The full config of model ``name`` (:func:`model_settings`), fitted to the input
+    shape. Returns the config and notes to print."""
+    config, note = get_spec(name).fit(model_settings(name, preset, overrides), input_shape)
     return config, [note] if note else []
 
 

@@ -11,6 +11,7 @@ split=test, transform=none) as the positive class; see :mod:`ood_audit.analysis.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -26,7 +27,7 @@ from ..analysis.decomposition import decompose, gaps
 from ..analysis.detectors import DEFAULT_DETECTOR, DETECTORS
 from ..analysis.detectors.table import detector_scores
 from ..analysis.metrics import METRICS, ood_metrics, roc_points
-from ..config import REPORT_FORMATS
+from ..config import REPORT_FORMATS, ReportConfig
 from ..errors import UserError
 from ..runs import RunDir, atomic_write_bytes, atomic_write_text
 from ..scoring.needs import member_columns
@@ -130,7 +131,8 @@ def verdict(row: dict) -> str:
     return words
 
 
-def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> RunAnalysis:
+def analyse_run(rd: RunDir, name: str, *, n_boot: int = ReportConfig.n_boot,
+                seed: int = ReportConfig.seed) -> RunAnalysis:
     """Load one run's scores and compute everything its report section shows."""
     df, meta = tables.load_run_scores(rd)
     where = f"scores of {rd.root}"
@@ -191,8 +193,7 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
         "dequant_seed": meta.dequant_seed, "run_config": meta.run_config,
         "adaptations": meta.adaptations, "extra": meta.extra,
         "reference": tables.group_label(ref["dataset"].iloc[0], "in", "test", "none"),
-        "detectors": [{"name": d, "summary": DETECTORS[d].summary if d in DETECTORS
-                       else "precomputed score column"} for d in scores],
+        "detectors": [_legend(d) for d in scores],
         "sets": group_rows, "metrics": rows,
         "decomposition": table.to_dict(orient="records"),
         "gaps": [{**{k: getattr(g, k) for k in ("label", "reference", "log_px", "bpd",
@@ -209,6 +210,16 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
     }
     return RunAnalysis(section, bpd_groups, roc, table, training,
                        load_pixel_maps(rd.pixel_maps))
+
+
+def _legend(name: str) -> dict:
+    """A detector as the report's legend shows it: its docstring's formula and paper, and
+    the AUROCs its paper reports (:mod:`ood_audit.analysis.detectors.base`)."""
+    det = DETECTORS.get(name)
+    if det is None:
+        return {"name": name, "summary": "precomputed score column", "paper": "", "published": []}
+    return {"name": name, "summary": det.summary, "paper": det.paper,
+            "published": [dataclasses.asdict(p) for p in det.published]}
 
 
 def mark_best(rows: list[dict], order: list[str]) -> list[dict]:
@@ -318,8 +329,8 @@ def figures_for(a: RunAnalysis) -> dict[str, bytes]:
 
 def build_report(runs: list[RunDir], out: Path,
                  formats: list[str] | tuple[str, ...] = ("html", "md", "json"),
-                 gates: list[Gate | str] = (), *, n_boot: int = 1000,
-                 seed: int = 0) -> ReportResult:
+                 gates: list[Gate | str] = (), *, n_boot: int = ReportConfig.n_boot,
+                 seed: int = ReportConfig.seed) -> ReportResult:
     """Analyse ``runs``, write the requested formats into ``out``, evaluate ``gates``.
 
     Gates are parsed and checked against the data before anything is written, so a bad

@@ -25,6 +25,7 @@ from .render import (
     Table,
     contrast_table,
     decomposition_tables,
+    detector_legend,
     ensemble_table,
     gate_table,
     metric_tables_by_set,
@@ -116,7 +117,8 @@ def _run_section(run: dict, figs: dict[str, bytes], several_runs: bool) -> str:
            _img(figs, f"{n}/hist", "bits/dim histograms"),
            _html_table(sets_table(run)), "<h3>ROC curves</h3>",
            _img(figs, f"{n}/roc", "ROC curves, one panel per detector: "
-                + ", ".join(d["name"] for d in run["detectors"]))]
+                + ", ".join(d["name"] for d in run["detectors"])),
+           "<h3>Detectors</h3>", _html_table(detector_legend(run))]
     if several_runs:  # with one run, the metrics at the top are this run's
         sec += ["<h3>Metrics</h3>", _metric_tables(run["metrics"], with_run=False)]
     if run.get("ensemble"):

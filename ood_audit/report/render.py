@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from ..scoring.schema import pretty
+from ..scoring.schema import BACKGROUND_KEY, MEMBER_KEY_PREFIX, TRAIN_ROWS_KEY, pretty
 from .second_order import second_order_note, second_order_tables
 from .table import Interval, Table, md_table, num, pct, slug, with_ci
 
@@ -141,19 +141,31 @@ def run_meta_table(run: dict) -> Table:
                        ("ood-audit version", run.get("version")), ("run directory", run["path"])]:
         t.add([key, value if isinstance(value, str) else num(value)])
     extra = run.get("extra") or {}
-    if "background" in extra:
+    if BACKGROUND_KEY in extra:
         try:
-            bg = json.loads(extra["background"])
+            bg = json.loads(extra[BACKGROUND_KEY])
             t.add(["likelihood-ratio background", f"mu={bg.get('mu')}, L2 "
                    f"{bg.get('weight_decay')}, epoch {bg.get('epoch')}, {bg.get('path')}"])
         except ValueError:
             pass
-    members = sorted(k for k in extra if k.startswith("member") and k[6:].isdigit())
+    members = sorted(k for k in extra if k.startswith(MEMBER_KEY_PREFIX)
+                     and k[len(MEMBER_KEY_PREFIX):].isdigit())
     if members:
         t.add(["waic ensemble", f"{len(members) + 1} models (this run and {len(members)} "
                "--member run(s))"])
-    if "train_rows" in extra:
-        t.add(["train rows (typicality H_hat)", extra["train_rows"]])
+    if TRAIN_ROWS_KEY in extra:
+        t.add(["train rows (typicality H_hat)", extra[TRAIN_ROWS_KEY]])
+    return t
+
+
+def detector_legend(run: dict) -> Table:
+    """The detectors shown: each score's formula and the paper it comes from (their
+    score functions' docstrings), and what that paper reports, when recorded."""
+    t = Table(["detector", "score (higher = more in-distribution)", "paper", "published AUROC"])
+    for d in run["detectors"]:
+        published = "; ".join(f"{p['auroc']:.2f} ({p['in_dataset']} -> {p['ood']}, {p['citation']})"
+                              for p in d.get("published", []))
+        t.add([d["name"], d["summary"], d.get("paper", ""), published or "–"])
     return t
 
 
@@ -276,6 +288,7 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
                 img(f"{n}/hist", "bits/dim histograms"),
                 "### Likelihood per data set\n", md_table(sets_table(run))]
         out.append(img(f"{n}/roc", "ROC curves, one panel per detector"))
+        out += ["### Detectors\n", md_table(detector_legend(run))]
         if run.get("ensemble"):
             out += ["### Ensemble vs members (AUROC)\n", ENSEMBLE_NOTE + "\n",
                     md_table(ensemble_table(run["ensemble"]))]

@@ -22,6 +22,7 @@ from ..data.images import ImageSet
 from ..data.registry import load_dataset
 from ..data.transforms import describe, parse_transforms
 from ..errors import UserError
+from .schema import TRANSFORMS_KEY
 
 
 @dataclass
@@ -114,4 +115,4 @@ def set_key(job: ScoreJob) -> list[str]:
 def transforms_meta(jobs: list[ScoreJob]) -> dict[str, str]:
     """``{"transforms": JSON {tag: what it does}}`` when any job is transformed."""
     tags = list(dict.fromkeys(j.transform for j in jobs if j.transform != "none"))
-    return {"transforms": json.dumps({t: describe(t) for t in tags})} if tags else {}
+    return {TRANSFORMS_KEY: json.dumps({t: describe(t) for t in tags})} if tags else {}

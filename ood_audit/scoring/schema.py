@@ -67,6 +67,8 @@ SCORE_PREFIX = "score_"
 # Data features (no model) have one column per entry of ood_audit.scoring.features.FEATURES.
 
 # ScoresMeta.extra keys: what the metadata records beyond its fixed fields.
+#: The checkpoint's epoch, the device scored on, the number of processes that scored.
+EPOCH_KEY, DEVICE_KEY, PROCESSES_KEY = "epoch", "device", "processes"
 #: JSON list of the detectors ``score`` chose (read-time ``score_<name>`` columns).
 DETECTORS_KEY = "detectors"
 #: JSON list of the dimensions each level of a multi-scale flow factors out (sum D).

@@ -41,7 +41,16 @@ from .jobs import ScoreJob, build_jobs, set_key, transforms_meta
 from .noise import Shard
 from .parquet import arrow_schema
 from .pixel_maps import save_pixel_maps
-from .schema import SCHEMA_VERSION, SETS_KEY, ScoresMeta, part_name, totals_for
+from .schema import (
+    DEVICE_KEY,
+    EPOCH_KEY,
+    PROCESSES_KEY,
+    SCHEMA_VERSION,
+    SETS_KEY,
+    ScoresMeta,
+    part_name,
+    totals_for,
+)
 from .writer import ScoresWriter, SetSummary, SetTotals, folder_identity, scores_folder, summarize
 
 
@@ -81,7 +90,7 @@ def score_jobs(model: DensityModel, info: CheckpointInfo, jobs: list[ScoreJob], 
         in_dataset=info.dataset, terms=terms, run_config=info.run_config,
         checkpoint_sha256=info.sha256, dequant_seed=seed,
         adaptations={j.images.name: j.images.adaptation for j in jobs if j.images.adaptation},
-        extra={"epoch": str(info.epoch), "device": str(device), "processes": str(ctx.world),
+        extra={EPOCH_KEY: str(info.epoch), DEVICE_KEY: str(device), PROCESSES_KEY: str(ctx.world),
                SETS_KEY: json.dumps([set_key(j) for j in jobs]),
                **{f"model.{k}": v for k, v in model.extra_metadata().items()},
                **transforms_meta(jobs),

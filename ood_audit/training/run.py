@@ -35,13 +35,7 @@ class TrainOutcome:
 
 def load_run_config(path: Path) -> RunConfig:
     """A run config from YAML; bad keys or values, model_config's too, name the file."""
-    config = from_dict(RunConfig, load_yaml(path), where=str(path))
-    if config.model in MODELS:
-        spec = get_spec(config.model)
-        if config.preset in spec.presets:  # else train_run names the preset
-            from_dict(spec.config_cls, {**spec.presets[config.preset], **config.model_config},
-                      where=f"{path}: model_config")
-    return config
+    return from_dict(RunConfig, load_yaml(path), where=str(path))
 
 
 def train_run(

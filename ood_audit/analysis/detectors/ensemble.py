@@ -16,7 +16,7 @@ def ensemble(rows: Rows, fitted: None = None) -> np.ndarray:
     Ensembling sharpens each model's density but does not close the likelihood gap.
 
     Paper: Nalisnick et al. 2019, "Do Deep Generative Models Know What They Don't Know?"
-    (ICLR), appendix (ensembles).
+    (ICLR).
     Needs: an ensemble, score --member RUN2 ... or --run on a folder written by train
     --seeds.
     """
