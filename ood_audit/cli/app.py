@@ -7,8 +7,8 @@ out: :mod:`ood_audit.faults`), printed as one line saying what to do and, for a 
 the file and what was kept; 130 interrupted by Ctrl-C, one line ``interrupted`` saying
 what was kept (143 for SIGTERM); anything else is a bug and keeps its traceback.
 
-Under torchrun, rank 0 speaks for the run: the other ranks print nothing and exit with
-the same code.
+Under torchrun, rank 0 speaks for the run: the other ranks print no progress or results,
+only a fault or error of their own (a user error every rank meets alike is said once).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import GateFailed, Interrupted, UserError
+from ..errors import GateFailed, Interrupted, SaidByRankZero, UserError
 from ..faults import describe as describe_fault
 from ..torchrun_env import dist_env
 from . import decompose_cmd, render, report_cmd, run_cmd, score_cmd, train_cmd
@@ -74,8 +74,7 @@ def _rank() -> int:
 
 
 def _say(line: str) -> None:
-    if _rank() == 0:  # under torchrun every rank fails the same way; rank 0 says it
-        print(line, file=sys.stderr)
+    print(line, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         render.out.quiet = render.err.quiet = True
     try:
         rv = app(args=argv, standalone_mode=False)
+    except SaidByRankZero as exc:
+        sys.exit(exc.exit_code)
     except Interrupted as exc:  # a command that stopped cleanly says what it kept
         _say(f"interrupted: {exc}")
         sys.exit(exc.exit_code)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig, TrainConfig, from_dict, load_yaml
-from ..errors import UserError
+from ..errors import SaidByRankZero, UserError
 from ..runs import ENSEMBLE_FILE, RunDir, resolve_run
+from ..torchrun_env import dist_env
 from ..training.background import DEFAULT_MU, DEFAULT_WEIGHT_DECAY, train_background
 from ..training.ensemble import member_name, parse_seeds, train_ensemble
 from ..training.run import TrainOutcome, train_run
@@ -101,7 +102,20 @@ def train(req: TrainRequest, *, data_root: Path | None = None, download: bool = 
           log: Callable[[str], None] = print, progress: TrainProgress | None = None,
           on_member: Callable[[TrainOutcome], None] | None = None) -> TrainResult:
     """Train what ``req`` asks for. Under torchrun every rank calls this with the same
-    request (rank 0 writes; see :func:`~ood_audit.training.run.train_run`)."""
+    request (rank 0 writes; see :func:`~ood_audit.training.run.train_run`), and a user
+    error, which every rank meets alike, is said by rank 0 alone."""
+    try:
+        return _train(req, data_root=data_root, download=download, log=log, progress=progress,
+                      on_member=on_member)
+    except UserError as exc:
+        if dist_env()[0] != 0:
+            quiet = SaidByRankZero(str(exc))
+            quiet.exit_code = exc.exit_code  # 130 for Ctrl-C, as rank 0's
+            raise quiet from None
+        raise
+
+
+def _train(req: TrainRequest, *, data_root, download, log, progress, on_member) -> TrainResult:
     common = dict(data_root=data_root, download=download, log=log, progress=progress)
     if req.background:
         rd = resolve_run(req.run if req.run is not None else req.out)
