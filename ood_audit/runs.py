@@ -114,7 +114,7 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
         if not pointer.exists():
             raise UserError(
                 f"no run given and no {pointer} pointer: train one first "
-                "(ood-audit train --model glow --data fashionmnist) or pass --run DIR"
+                "(ood-audit train --model glow --data fashionmnist) or name the run directory"
             )
         run = Path(pointer.read_text().strip())
     rd = RunDir(Path(run))

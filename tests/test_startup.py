@@ -45,7 +45,11 @@ def test_help_loads_no_heavy_module(argv):
 
 
 @pytest.mark.parametrize("argv", [["score", "--limit", "many"], ["train", "--nope"],
-                                  ["report", "--n-boot"]])
+                                  ["report", "--n-boot"],
+                                  # checked by the config dataclasses, before the library
+                                  ["score", "--ood", "mnist", "--limit", "0"],
+                                  ["report", "--format", "pdf"], ["train", "--seeds", "1",
+                                                                  "--background"]])
 def test_argument_errors_load_no_heavy_module(argv):
     code, heavy, err = probe(*argv)
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err

@@ -33,7 +33,7 @@ def scores_location(rd: RunDir) -> Path:
         if path.exists():
             return path
     raise UserError(
-        f"{rd.root} holds no scores.parquet or scores/ folder: run ood-audit score --run "
+        f"{rd.root} holds no scores.parquet or scores/ folder: run ood-audit score "
         f"{rd.root} --ood mnist first"
     )
 

@@ -47,13 +47,13 @@ def decompose(
 
     Reads the run's scores; writes decomposition.parquet (or .csv) into the run.
     """
-    from ..commands.decompose import decompose  # the library: torch, loaded for the work
-
     cfg = DecomposeConfig(
         csv=csv, over_training=over_training, over_training_limit=over_training_limit,
         second_order=second_order, second_order_limit=second_order_limit,
         second_order_batch=second_order_batch, second_order_center=second_order_center,
         device=device or default(DecomposeConfig, "device"))
+    from ..commands.decompose import decompose  # the library: torch, loaded once the options hold
+
     with render.CountBar() as progress:  # images rescored, then Hessian-vector products
         result = decompose(one_run(run, run_option), cfg, data_root=data_root, progress=progress,
                            second_order_progress=progress)

@@ -33,10 +33,10 @@ def report(
 
     With $GITHUB_STEP_SUMMARY set, the Markdown summary is appended there too.
     """
-    from ..commands.report import report  # the library: pandas, matplotlib, loaded for the work
-
     cfg = ReportConfig(formats=fmt, gates=list(gate or []), n_boot=n_boot, seed=seed,
                        junit=None if junit is None else str(junit))
+    from ..commands.report import report  # the library: pandas, matplotlib, for the work
+
     result = report(runs, cfg, out=out_dir, notify=render.note)
     render.reported(result)
     if not result.passed:

@@ -102,7 +102,7 @@ def run(
 
 
 def _dry_run(exp, data_root: Path | None) -> None:
-    from ..experiments import plan, statuses
+    from ..experiments import plan, statuses  # the library (torch), for the work
 
     steps = plan(exp, data_root)
     status = statuses(exp, steps)

@@ -79,14 +79,14 @@ def score(
     Ctrl-C stops with exit code 130; RUN/scores keeps its previous table (a partial one is
     never published).
     """
-    from ..commands.score import score  # the library: torch, loaded for the work
-
     cfg = ScoreConfig(
         ood=list(ood or []), limit=limit, train_limit=train_limit, batch_size=batch_size,
         seed=seed, held_out=held_out, transforms=list(transform or []),
         detectors=list(detector) if detector else None, members=list(member or []),
         iw_samples=iw_samples, workers=workers, device=device or default(ScoreConfig, "device"),
         fast_path=fast_paths(channels_last=channels_last, compile=compile, bf16=bf16, tf32=tf32))
+    from ..commands.score import score  # the library: torch, loaded once the options hold
+
     with render.CountBar() as progress:
         result = score(one_run(run, run_option), cfg, data_root=data_root, download=download,
                        notify=render.note, progress=progress)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import TrainRequest
 from . import render
 from .options import (
     Bf16Opt,
@@ -83,14 +84,14 @@ def train(
     Glow fast paths (--channels-last, --compile, --bf16, --tf32) are kept in the run's
     config.yaml (train.fast_path), so --resume trains on with the same ones.
     """
-    from ..commands.train import TrainRequest, train  # the library: torch, loaded for the work
-
     request = TrainRequest(
         config_file=config, model=model, data=data, preset=preset, out=out, resume=resume,
         seeds=seeds, background=background, mu=mu, run=run,
         train=dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, limit=limit,
                    keep_checkpoints=keep_checkpoints, weight_decay=weight_decay, device=device),
         fast_path=fast_paths(channels_last=channels_last, compile=compile, bf16=bf16, tf32=tf32))
+    from ..commands.train import train  # the library: torch, loaded for the work
+
     progress = render.TrainBar()
     try:
         result = train(request, data_root=data_root, download=download, log=render.note,

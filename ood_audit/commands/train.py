@@ -1,21 +1,20 @@
 """``ood-audit train`` as one library call: a run, an ensemble of seeds, or the
 background model of a run's likelihood ratio.
 
-:class:`TrainRequest` is what the command is asked, as given (None: not given); its
-checks say which options go together. :func:`train` builds the run's config
-(:class:`~ood_audit.config.RunConfig`: the ``--config`` file, then the flags) and calls
+:class:`~ood_audit.config.TrainRequest` is what the command is asked, as given (None:
+not given); its checks say which options go together. :func:`train` builds the run's
+config (:class:`~ood_audit.config.RunConfig`: the ``--config`` file, then the flags) and calls
 :func:`~ood_audit.training.run.train_run`, :func:`~ood_audit.training.ensemble.train_ensemble`
 or :func:`~ood_audit.training.background.train_background`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig, TrainConfig, from_dict, load_yaml
+from ..config import TrainRequest
 from ..errors import SaidByRankZero, UserError
 from ..runs import ENSEMBLE_FILE, RunDir, resolve_run
 from ..torchrun_env import dist_env
@@ -23,65 +22,6 @@ from ..training.background import DEFAULT_MU, DEFAULT_WEIGHT_DECAY, train_backgr
 from ..training.ensemble import member_name, parse_seeds, train_ensemble
 from ..training.run import TrainOutcome, train_run
 from ..training.trainer import TrainProgress
-
-
-@dataclass
-class TrainRequest:
-    """The options of ``ood-audit train`` as given; None (or empty) where not given."""
-
-    config_file: Path | None = None  # --config: a RunConfig YAML (examples/demo.yaml)
-    model: str | None = None
-    data: str | None = None
-    preset: str | None = None
-    #: TrainConfig fields given as flags (epochs, batch_size, lr, seed, limit, ...)
-    train: dict[str, object] = field(default_factory=dict)
-    fast_path: list[str] = field(default_factory=list)  # fast-path flags turned on
-    out: Path | None = None
-    resume: bool = False
-    seeds: str | None = None  # "0,1,2": one run per seed
-    background: bool = False
-    mu: float | None = None  # --background: pixel perturbation rate
-    run: Path | None = None  # --background: the run to add a background model to
-
-    def __post_init__(self) -> None:
-        self.train = {k: v for k, v in self.train.items() if v is not None}
-        if self.seeds is not None and self.background:
-            raise UserError("--seeds cannot be combined with --background: train the ensemble, "
-                            "then a background model per member with --background --run OUT/seed-<s>")
-        if self.background:
-            given = [flag for flag, value in (("--model", self.model), ("--data", self.data),
-                                              ("--preset", self.preset),
-                                              ("--config", self.config_file)) if value is not None]
-            if given:
-                raise UserError(f"{', '.join(given)} cannot be combined with --background: the "
-                                "background model uses the run's own model, preset and data")
-            if (self.run is not None and self.out is not None
-                    and Path(self.run).resolve() != Path(self.out).resolve()):
-                raise UserError("--run and --out name different runs; with --background give the "
-                                "run to add a background model to once (--run DIR)")
-            return
-        if self.seeds is not None and "seed" in self.train:
-            raise UserError("--seeds and --seed conflict: --seeds 0,1,2 trains one run per seed, "
-                            "--seed S one run")
-        for flag, value in (("--mu", self.mu), ("--run", self.run)):
-            if value is not None:
-                raise UserError(f"{flag} applies to --background only (the likelihood-ratio "
-                                "background model); --out names the run directory")
-
-    def run_config(self) -> RunConfig:
-        """The ``--config`` file (else the defaults), then the flags over it."""
-        raw = load_yaml(self.config_file) if self.config_file else {}
-        flags = {k: getattr(self, k) for k in ("model", "data", "preset")
-                 if getattr(self, k) is not None}
-        where = str(self.config_file) if self.config_file else "train options"
-        cfg = from_dict(RunConfig, {**raw, **flags}, where=where)
-        overrides = dict(self.train)
-        if self.fast_path:  # added to the config file's fast_path, if any
-            overrides["fast_path"] = [*cfg.train.fast_path, *self.fast_path]
-        if overrides:
-            merged = {**dataclasses.asdict(cfg.train), **overrides}
-            cfg.train = from_dict(TrainConfig, merged, where="train options")
-        return cfg
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,8 +212,6 @@ def _parse(raw: dict, where: str) -> ExperimentFile:
 
 
 def second_order_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("ood_audit.analysis.second_order") is not None
 
 

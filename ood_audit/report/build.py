@@ -139,7 +139,7 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = ReportConfig.n_boot,
     ref = tables.reference_rows(df, where)
     sets = tables.ood_sets(df)
     if not sets:
-        raise UserError(f"{where} hold no OOD set: run ood-audit score --run {rd.root} --ood mnist")
+        raise UserError(f"{where} hold no OOD set: run ood-audit score {rd.root} --ood mnist")
     notes: list[str] = []
     scores = detector_scores(df, meta)
     rows, roc = [], {}

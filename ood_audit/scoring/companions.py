@@ -13,6 +13,7 @@ run's model saw (the noise is seeded by set and chunk, not model), the per-image
   an ensemble folder; member 0 is the run itself), and ``log_px_ensemble``, the log of
   the members' mean density;
 - data features such as ``png_bits`` (needed by :class:`~.needs.DataFeature`);
+- any other per-image :class:`Computation` a provider adds (a per-image optimisation);
 - the latent size of each level of a multi-scale flow (metadata ``level_dims``).
 
 Which detectors those inputs serve is decided above, by ``ood_audit.commands.score``;
@@ -27,6 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -88,12 +90,25 @@ class Companion:
         return out
 
 
+class Computation(Protocol):
+    """A per-image input computed in the batch loop by a provider of a new kind of need
+    (a per-image optimisation such as likelihood regret): its columns, and the values of
+    one batch from the x the run's model saw and the uint8 pixels. It may report its own
+    progress; the scorer's shows the images scored."""
+
+    columns: list[str]
+
+    def __call__(self, cols: dict[str, np.ndarray], x: torch.Tensor,
+                 images: torch.Tensor) -> dict[str, np.ndarray]: ...
+
+
 @dataclass
 class InputPlan:
     """The extra inputs one ``score`` writes, loaded before any scoring."""
 
     companions: list[Companion] = field(default_factory=list)
     features: list[str] = field(default_factory=list)
+    computations: list[Computation] = field(default_factory=list)
     level_dims: list[int] | None = None
     held_out: bool = False
     detectors: list[str] = field(default_factory=list)  # the detectors they serve (metadata)
@@ -108,7 +123,7 @@ class InputPlan:
         cols = [c for comp in self.companions for c in comp.columns]
         if self.members:
             cols.append(ENSEMBLE_COLUMN)
-        return [*cols, *self.features]
+        return [*cols, *self.features, *(c for comp in self.computations for c in comp.columns)]
 
     def batch_columns(self, cols: dict[str, np.ndarray], x: torch.Tensor,
                       images: torch.Tensor) -> None:
@@ -122,6 +137,8 @@ class InputPlan:
             cols[ENSEMBLE_COLUMN] = log_mean_exp(stacked)
         for name in self.features:
             cols[name] = compute_feature(name, images)
+        for computation in self.computations:
+            cols.update(computation(cols, x, images))
 
     def metadata(self, jobs) -> dict[str, str]:
         """ScoresMeta.extra entries saying what the detectors are and where their inputs

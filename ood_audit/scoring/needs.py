@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .schema import BACKGROUND_COLUMN, ENSEMBLE_COLUMN, LEVEL_DIMS_KEY, MEMBER_PREFIX, ScoresMeta
 
 _BACKGROUND_FIX = ("train one with ood-audit train --background --run RUN, then rescore "
-                   "with ood-audit score --run RUN")
+                   "with ood-audit score RUN")
 
 
 def _absent(df, names: Iterable[str]) -> str | None:
@@ -114,7 +114,7 @@ class Ensemble(Need):
     @property
     def requires(self) -> str:  # type: ignore[override]
         if self.mean:
-            return "an ensemble: score --member RUN2 ..., or --run on an ensemble folder"
+            return "an ensemble: score --member RUN2 ..., or score an ensemble folder"
         return "an ensemble: score --member RUN2 [--member RUN3 ...]"
 
     def missing(self, df, meta):
@@ -124,7 +124,7 @@ class Ensemble(Need):
 
     def fix(self, detector):
         if self.mean:
-            return ("rescore with --member RUN2 [--member RUN3 ...], or --run on a folder "
+            return ("rescore with --member RUN2 [--member RUN3 ...], or score a folder "
                     "written by train --seeds")
         return ("rescore with --member RUN2 [--member RUN3 ...]: runs trained on the same "
                 "data (this run is member 0)")

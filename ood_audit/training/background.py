@@ -10,7 +10,7 @@ borders) but not the semantics. The detector is then
 (see :mod:`ood_audit.analysis.detectors`). Here the background lives inside the run it
 belongs to, as a nested run directory ``RUN/background/`` with its own config.yaml
 (``train.perturb_mu`` records mu, ``train.weight_decay`` the L2 coefficient),
-checkpoints and metrics; ``ood-audit score --run RUN`` finds it there.
+checkpoints and metrics; ``ood-audit score RUN`` finds it there.
 """
 
 from __future__ import annotations

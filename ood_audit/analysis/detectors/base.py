@@ -16,7 +16,33 @@ words. ``needs`` says the same to the machine (:mod:`ood_audit.scoring.needs`).
 ``published`` holds AUROCs a paper reports for this detector, shown beside ours.
 
 Torch- and pandas-free, so the registry (and ``--help``) loads fast; the table side is
-:mod:`.table`.
+:mod:`.table`. A new detector is a module here plus a line in the registry
+(``__init__.py``); what it takes decides what else it touches:
+
+- columns every table has, or a model's own extra columns (a hierarchical VAE's
+  likelihoods with the top k latents from the prior): ``needs=(Columns((...)),)``;
+- a state fitted on in-distribution data (a density of states over per-image statistics):
+  ``TrainRows()`` and ``prepare``, which sees the metadata, so it can refuse rows the
+  model was trained on (``train_rows`` says whether they were held out);
+- work per image while scoring (likelihood regret's re-fit of the encoder): a new
+  :class:`~ood_audit.scoring.needs.Need` and its provider in
+  :data:`ood_audit.scoring.companions.PROVIDERS`, which adds a ``Computation`` to the
+  batch loop.
+
+Example, a whole detector::
+
+    def likelihood_ratio(rows: Rows, fitted: None = None) -> np.ndarray:
+        \"\"\"log p_model(x) - log p_background(x), ...
+
+        Paper: Ren et al. 2019, "Likelihood Ratios for Out-of-Distribution Detection".
+        Needs: a background model in RUN/background (train --background).
+        \"\"\"
+        return rows["log_px"] - rows[BACKGROUND_COLUMN]
+
+    DETECTOR = Detector("likelihood-ratio", likelihood_ratio,
+                        needs=(Columns(), BackgroundModel()),
+                        published=(Published("fashionmnist", "mnist", AUROC, "pixelcnn",
+                                             "Ren et al. 2019, table N"),))
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def ensemble(rows: Rows, fitted: None = None) -> np.ndarray:
 
     Paper: Nalisnick et al. 2019, "Do Deep Generative Models Know What They Don't Know?"
     (ICLR).
-    Needs: an ensemble, score --member RUN2 ... or --run on a folder written by train
+    Needs: an ensemble, score --member RUN2 ... or score a folder written by train
     --seeds.
     """
     return rows[ENSEMBLE_COLUMN]

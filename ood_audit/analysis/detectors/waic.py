@@ -23,7 +23,7 @@ def waic(rows: Rows, fitted: None = None) -> np.ndarray:
 
     Paper: Choi, Jang & Alemi 2018, "WAIC, but Why? Generative Ensembles for Robust
     Anomaly Detection".
-    Needs: an ensemble, score --member RUN2 [--member RUN3 ...] or --run on a folder
+    Needs: an ensemble, score --member RUN2 [--member RUN3 ...] or score RUN a folder
     written by train --seeds.
     """
     columns = ["log_px", *member_columns(rows)]
