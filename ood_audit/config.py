@@ -113,7 +113,10 @@ class RunConfig:
     a mapping of overrides (YAML, ``model_config: {hidden: 32}``), it is resolved on
     construction over the preset and the family's fixed settings, and checked there once
     (:func:`~ood_audit.models.registry.model_settings`). Unknown model, preset or key:
-    a UserError. ``config.yaml`` keeps the resolved values.
+    a UserError. ``config.yaml`` keeps the resolved values. Setting ``model`` or
+    ``preset`` afterwards resolves the same overrides for the new family or preset (as a
+    config file edited by hand would); when they do not fit it, ``model_config`` stays
+    the mapping and training says why.
     """
 
     model: str = "glow"
@@ -123,10 +126,30 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        # the registry builds models (torch): loaded when a run config is made, not for --help
-        from .models.registry import model_settings
+        given = self.model_config
+        overrides = dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
+        object.__setattr__(self, "_overrides", overrides)
+        self.model_config = _model_settings(self.model, self.preset, given)
 
-        self.model_config = model_settings(self.model, self.preset, self.model_config)
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if "_overrides" not in self.__dict__:  # still being constructed
+            return
+        if name == "model_config" and isinstance(value, dict):
+            object.__setattr__(self, "_overrides", dict(value))
+        elif name in ("model", "preset"):
+            try:
+                value = _model_settings(self.model, self.preset, self._overrides)
+            except UserError:
+                value = dict(self._overrides)  # train_run names what does not fit
+            object.__setattr__(self, "model_config", value)
+
+
+def _model_settings(model: str, preset: str, config: Any) -> Any:
+    # the registry builds models (torch): loaded when a run config is made, not for --help
+    from .models.registry import model_settings
+
+    return model_settings(model, preset, config)
 
 
 def _flag(name: str) -> str:
