@@ -139,7 +139,7 @@ def port_child(args) -> dict:
     import torch
 
     from ood_audit.data import dequantize
-    from ood_audit.training.trainer import seeded
+    from ood_audit.seeds import seeded
 
     config, train, test = _setup(args)
     cfg = config.train
@@ -226,7 +226,7 @@ def _parity(name: str, port, sizes: dict, shape, test, seed: int) -> float:
     from ood_audit.data import dequantize
     from ood_audit.models.glow import Glow
     from ood_audit.models.glow_convert import from_rosinality, from_y0ast
-    from ood_audit.training.trainer import seeded
+    from ood_audit.seeds import seeded
 
     state = port.model.state_dict()
     if name == "y0ast":

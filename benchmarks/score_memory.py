@@ -41,8 +41,8 @@ def child(run: str, data: str, n: int, detectors: list[str], workers: int = 0) -
     """
     import threading
 
+    from ood_audit.commands.score import score_run
     from ood_audit.runs import RunDir
-    from ood_audit.scoring.scorer import score_run
 
     before = _rss_mb()
     high = [before]

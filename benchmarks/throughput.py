@@ -155,8 +155,8 @@ def child(args) -> dict:
     """Measure one (config, path) in this process."""
     import torch
 
+    from ood_audit.device import pick_device
     from ood_audit.models.registry import build_model, resolve_model_config
-    from ood_audit.training.trainer import pick_device
 
     _set_threads(args)
     spec = CONFIGS[args.config]

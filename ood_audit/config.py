@@ -8,130 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
+from .data.transforms import parse_transforms
 from .errors import UserError
+from .models.fastpath_names import FAST_PATHS
+from .parsing import from_dict, load_yaml, require_positive, to_dict
 
-T = TypeVar("T")
-
-
-def from_dict(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
-
-    ``where`` names the source (a file, ``model_config``...) in error messages.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping of keys for {cls.__name__}, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise UserError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], f"{where}: {key}")
-    try:
-        obj = cls(**kwargs)
-    except (TypeError, ValueError, UserError) as exc:
-        raise UserError(f"{where}: {exc}") from None
-    return obj
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint (int/float/str/bool/Optional/dict/dataclass)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except UserError as exc:
-                errors.append(str(exc))
-        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is list or hint is list:
-        if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list, got {value!r}")
-        return list(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 1e-3 as a string (YAML 1.1); accept numeric strings.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise UserError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def load_yaml(path: Path) -> dict:
-    """Read a YAML mapping, turning I/O and syntax errors into one-line user errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a YAML text file (not UTF-8)") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{at}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def to_dict(obj: Any) -> dict:
-    """A dataclass as a plain dict (for YAML/JSON)."""
-    return dataclasses.asdict(obj)
-
-
-def require_positive(**values: int | float | None) -> None:
-    """Raise a UserError naming the first value that is zero, negative, NaN or infinite."""
-    for name, value in values.items():
-        if value is not None and not (0 < value < math.inf):
-            raise UserError(f"{name} must be a positive finite number, got {value}"
-                            if isinstance(value, float) else f"{name} must be positive, got {value}")
-
+__all__ = ["MAX_SEED", "REPORT_FORMATS", "SECOND_ORDER_CENTERS", "DecomposeConfig", "ReportConfig",
+           "RunConfig", "ScoreConfig", "TrainConfig", "from_dict", "keep_every", "load_yaml", "parse_formats",
+           "require_positive", "to_dict", "TrainRequest"]
 
 #: Seeds torch.manual_seed accepts without wrapping: 0 .. 2**63 - 1.
 MAX_SEED = 2**63 - 1
@@ -169,8 +57,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.fast_path:
-            from .models.fastpath import FAST_PATHS  # lazy: config loading stays torch-free
-
             bad = [n for n in self.fast_path if not isinstance(n, str) or n not in FAST_PATHS]
             if bad:
                 raise UserError(f"unknown fast path(s) {', '.join(map(repr, bad))} in fast_path; "
@@ -221,10 +107,225 @@ def keep_every(policy: str) -> int | None:
 
 @dataclass
 class RunConfig:
-    """Everything that defines a training run; saved as the run's ``config.yaml``."""
+    """Everything that defines a training run; saved as the run's ``config.yaml``.
+
+    ``model_config`` is the model family's config dataclass (``GlowConfig``...): given as
+    a mapping of overrides (YAML, ``model_config: {hidden: 32}``), it is resolved on
+    construction over the preset and the family's fixed settings, and checked there once
+    (:func:`~ood_audit.models.registry.model_settings`). Unknown model, preset or key:
+    a UserError. ``config.yaml`` keeps the resolved values. Setting ``model`` or
+    ``preset`` afterwards resolves the same overrides for the new family or preset (as a
+    config file edited by hand would); when they do not fit it, ``model_config`` stays
+    the mapping and training says why.
+    """
 
     model: str = "glow"
     preset: str = "small"
     data: str = "fashionmnist"
-    model_config: dict = field(default_factory=dict)  # overrides of the preset's values
+    model_config: Any = None  # the family's config; a mapping of overrides until resolved
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        given = self.model_config
+        overrides = dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
+        object.__setattr__(self, "_overrides", overrides)
+        self.model_config = _model_settings(self.model, self.preset, given)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if "_overrides" not in self.__dict__:  # still being constructed
+            return
+        if name == "model_config" and isinstance(value, dict):
+            object.__setattr__(self, "_overrides", dict(value))
+        elif name in ("model", "preset"):
+            try:
+                value = _model_settings(self.model, self.preset, self._overrides)
+            except UserError:
+                value = dict(self._overrides)  # train_run names what does not fit
+            object.__setattr__(self, "model_config", value)
+
+
+def _model_settings(model: str, preset: str, config: Any) -> Any:
+    # the registry builds models (torch): loaded when a run config is made, not for --help
+    from .models.registry import model_settings
+
+    return model_settings(model, preset, config)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _strings(name: str, values: list | None) -> None:
+    if values is not None and not all(isinstance(v, str) and v for v in values):
+        raise UserError(f"{name} must be a list of non-empty strings, got {values!r}")
+
+
+@dataclass
+class ScoreConfig:
+    """``ood-audit score``: which sets to score and how. One field per option, with the
+    option's name (``transforms`` = repeated ``--transform``, ``detectors`` = repeated
+    ``--detector``, ``members`` = repeated ``--member``, ``fast_path`` = the fast-path
+    flags); an experiment file's ``score:`` section is the same mapping."""
+
+    ood: list[str] = field(default_factory=list)
+    limit: int | None = None  # the first N images of each set
+    train_limit: int = 2000  # in-distribution train images scored too (0: none)
+    batch_size: int = 256  # images per forward pass
+    seed: int = 0  # seed of the dequantization noise
+    held_out: bool = False  # train rows from after the model's training --limit
+    transforms: list[str] = field(default_factory=list)
+    detectors: list[str] | None = None  # None: every detector whose needs are met
+    members: list[str] = field(default_factory=list)  # other runs of the ensemble
+    iw_samples: int | None = None  # VAE: importance samples of the IWAE bound
+    workers: int | None = None  # DataLoader processes (None: 2 on CUDA, 0 on CPU)
+    fast_path: list[str] = field(default_factory=list)  # Glow fast paths (FAST_PATHS)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.ood:
+            raise UserError("name at least one OOD set to score: --ood mnist (ood: [mnist] "
+                            "in an experiment file)")
+        for name in ("ood", "transforms", "detectors", "fast_path"):
+            _strings(name, getattr(self, name))
+        self.members = [str(m) for m in self.members]
+        for name in ("limit", "batch_size", "iw_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{_flag(name)} must be positive, got {value}")
+        for name in ("train_limit", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{_flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
+            raise UserError(f"--workers must be 0 (dequantize in the scoring process) or a "
+                            f"positive number of worker processes, got {self.workers!r}")
+        bad = [n for n in self.fast_path if n not in FAST_PATHS]
+        if bad:
+            raise UserError(f"unknown fast path {bad[0]!r}; choose from {', '.join(FAST_PATHS)}")
+        if self.detectors is not None:
+            self.detectors = list(dict.fromkeys(self.detectors))
+        parse_transforms(self.transforms)  # a bad --transform fails before any work
+
+    def model_options(self) -> dict[str, object]:
+        """The scoring options set on the model (``DensityModel.set_score_option``)."""
+        options: dict[str, object] = {} if self.iw_samples is None else {"iw_samples": self.iw_samples}
+        return {**options, **dict.fromkeys(self.fast_path, True)}
+
+
+#: Expansion points of ``decompose --second-order``: the shared mean of the
+#: in-distribution test set and each OOD set, or the in-distribution test mean.
+SECOND_ORDER_CENTERS = ("pooled", "in")
+
+
+@dataclass
+class DecomposeConfig:
+    """``ood-audit decompose``: which analyses to run beside the decomposition."""
+
+    csv: bool = False  # decomposition.csv instead of decomposition.parquet
+    over_training: bool = False  # rescore a subset with every epoch checkpoint
+    over_training_limit: int = 500  # images per set for --over-training
+    second_order: bool = False  # the paper's second-order (Hessian trace) prediction
+    second_order_limit: int = 500  # images per set for --second-order
+    second_order_batch: int = 64  # Hessian-vector products per batch
+    second_order_center: str = "pooled"  # the expansion point: SECOND_ORDER_CENTERS
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("over_training_limit", "second_order_limit", "second_order_batch"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.second_order_center not in SECOND_ORDER_CENTERS:
+            raise UserError(f"--second-order-center must be one of "
+                            f"{', '.join(SECOND_ORDER_CENTERS)}, got {self.second_order_center!r}")
+
+
+#: Report outputs: --format name -> the file it writes.
+REPORT_FORMATS = {"html": "report.html", "md": "report.md", "json": "summary.json"}
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"html,md,json"`` -> ["html", "md", "json"]; UserError for anything else."""
+    formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    bad = [f for f in formats if f not in REPORT_FORMATS]
+    if bad or not formats:
+        raise UserError(f"--format {text!r}: choose one or more of {', '.join(REPORT_FORMATS)} "
+                        "separated by commas")
+    return list(dict.fromkeys(formats))
+
+
+@dataclass
+class ReportConfig:
+    """``ood-audit report``: outputs, CI gates and the bootstrap."""
+
+    formats: str = "html,md,json"  # comma-separated REPORT_FORMATS
+    gates: list[str] = field(default_factory=list)  # 'DATASET[:DETECTOR]:METRIC OP BOUND'
+    n_boot: int = 1000  # bootstrap resamples for the 95% intervals (0: none)
+    seed: int = 0  # seed of the bootstrap resampling
+    junit: str | None = None  # also a JUnit XML file, one testcase per gate
+
+    def __post_init__(self) -> None:
+        parse_formats(self.formats)
+        _strings("gates", self.gates)
+        if self.n_boot < 0:
+            raise UserError(f"--n-boot must be 0 or more, got {self.n_boot}")
+        if self.seed < 0:  # numpy's SeedSequence takes non-negative integers only
+            raise UserError(f"--seed must be 0 or more, got {self.seed}")
+
+
+@dataclass
+class TrainRequest:
+    """The options of ``ood-audit train`` as given; None (or empty) where not given."""
+
+    config_file: Path | None = None  # --config: a RunConfig YAML (examples/demo.yaml)
+    model: str | None = None
+    data: str | None = None
+    preset: str | None = None
+    #: TrainConfig fields given as flags (epochs, batch_size, lr, seed, limit, ...)
+    train: dict[str, object] = field(default_factory=dict)
+    fast_path: list[str] = field(default_factory=list)  # fast-path flags turned on
+    out: Path | None = None
+    resume: bool = False
+    seeds: str | None = None  # "0,1,2": one run per seed
+    background: bool = False
+    mu: float | None = None  # --background: pixel perturbation rate
+    run: Path | None = None  # --background: the run to add a background model to
+
+    def __post_init__(self) -> None:
+        self.train = {k: v for k, v in self.train.items() if v is not None}
+        if self.seeds is not None and self.background:
+            raise UserError("--seeds cannot be combined with --background: train the ensemble, "
+                            "then a background model per member with --background --run OUT/seed-<s>")
+        if self.background:
+            given = [flag for flag, value in (("--model", self.model), ("--data", self.data),
+                                              ("--preset", self.preset),
+                                              ("--config", self.config_file)) if value is not None]
+            if given:
+                raise UserError(f"{', '.join(given)} cannot be combined with --background: the "
+                                "background model uses the run's own model, preset and data")
+            if (self.run is not None and self.out is not None
+                    and Path(self.run).resolve() != Path(self.out).resolve()):
+                raise UserError("--run and --out name different runs; with --background give the "
+                                "run to add a background model to once (--run DIR)")
+            return
+        if self.seeds is not None and "seed" in self.train:
+            raise UserError("--seeds and --seed conflict: --seeds 0,1,2 trains one run per seed, "
+                            "--seed S one run")
+        for flag, value in (("--mu", self.mu), ("--run", self.run)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --background only (the likelihood-ratio "
+                                "background model); --out names the run directory")
+
+    def run_config(self) -> RunConfig:
+        """The ``--config`` file (else the defaults), then the flags over it."""
+        raw = load_yaml(self.config_file) if self.config_file else {}
+        flags = {k: getattr(self, k) for k in ("model", "data", "preset")
+                 if getattr(self, k) is not None}
+        where = str(self.config_file) if self.config_file else "train options"
+        cfg = from_dict(RunConfig, {**raw, **flags}, where=where)
+        overrides = dict(self.train)
+        if self.fast_path:  # added to the config file's fast_path, if any
+            overrides["fast_path"] = [*cfg.train.fast_path, *self.fast_path]
+        if overrides:
+            merged = {**dataclasses.asdict(cfg.train), **overrides}
+            cfg.train = from_dict(TrainConfig, merged, where="train options")
+        return cfg

@@ -6,9 +6,8 @@ on CUDA with device ``cuda:LOCAL_RANK``) and hands back a :class:`DistContext`. 
 those variables (or with ``WORLD_SIZE=1``) it is a no-op and every method of the context
 does the single-process thing, so callers never branch on "am I distributed".
 
-This module imports nothing from the rest of the package but :mod:`ood_audit.errors` (and
-:mod:`ood_audit.faults`, which imports nothing), so
-training, scoring and the CLI can all use it without import cycles.
+A low module: it imports only :mod:`ood_audit.errors`, :mod:`ood_audit.faults` and
+:mod:`ood_audit.torchrun_env`, so training and scoring can all use it.
 """
 
 from __future__ import annotations
@@ -21,29 +20,10 @@ import torch
 import torch.distributed as tdist
 
 from .errors import UserError
+from .faults import PeerFault, what_failed
+from .torchrun_env import dist_env
 
 _CONTEXT: DistContext | None = None
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not an integer; "
-                        "launch with torchrun or unset it") from None
-
-
-def dist_env() -> tuple[int, int, int]:
-    """``(rank, world, local_rank)`` from the torchrun environment; ``(0, 1, 0)`` when unset."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; launch with torchrun")
-    return rank, world, local_rank
 
 
 @dataclass
@@ -120,8 +100,6 @@ class DistContext:
             raise failure
         for rank, line in enumerate(lines):
             if line is not None:
-                from .faults import PeerFault
-
                 kind, what, advice = line
                 if kind == "fault":
                     raise PeerFault(what, advice)
@@ -145,8 +123,6 @@ class DistContext:
 
 def _shared_line(exc: BaseException) -> tuple[str, str, str | None]:
     """(kind, text, advice) of a rank's failure, sent to the other ranks (picklable)."""
-    from .faults import what_failed
-
     failed = what_failed(exc)
     if failed is not None:
         return "fault", failed[0], failed[1]

@@ -27,6 +27,11 @@ class Interrupted(UserError):
         self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
 
 
+class SaidByRankZero(UserError):
+    """A user error every torchrun rank meets alike (a bad option, an existing run): rank 0
+    prints it, the others exit with its code silently, so the user reads it once."""
+
+
 class GateFailed(Exception):
     """A CI gate did not hold (exit code 1; the report is still written)."""
 

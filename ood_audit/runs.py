@@ -23,8 +23,13 @@ except files in it::
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from .faults import keeping, writing
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 ENSEMBLE_FILE = "ensemble.json"
+BACKGROUND_DIR = "background"
 
 
 class RunDir:
@@ -57,6 +63,11 @@ class RunDir:
     lock = property(lambda self: self.root / ".lock")
 
     @property
+    def background(self) -> RunDir:
+        """``RUN/background``: the run's background model (likelihood ratio), a nested run."""
+        return RunDir(self.root / BACKGROUND_DIR)
+
+    @property
     def model(self) -> Path:
         """The run's weights; in an ensemble folder, member 0's (outputs stay in the folder)."""
         members = self.ensemble_members()
@@ -67,8 +78,6 @@ class RunDir:
         first; [] when this is not an ensemble folder."""
         if not self.ensemble.is_file():
             return []
-        import json
-
         try:
             members = json.loads(self.ensemble.read_text())["members"]
             if not members or not all(isinstance(m, str) for m in members):
@@ -90,8 +99,6 @@ class RunDir:
 
 def new_run_name(model: str, data: str) -> str:
     """A fresh, sortable run name such as ``glow-fashionmnist-20261128-161500``."""
-    import time
-
     return f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -107,7 +114,7 @@ def resolve_run(run: Path | None, runs_root: Path = RUNS_ROOT, need_model: bool 
         if not pointer.exists():
             raise UserError(
                 f"no run given and no {pointer} pointer: train one first "
-                "(ood-audit train --model glow --data fashionmnist) or pass --run DIR"
+                "(ood-audit train --model glow --data fashionmnist) or name the run directory"
             )
         run = Path(pointer.read_text().strip())
     rd = RunDir(Path(run))
@@ -221,9 +228,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     first and deleted after: a reader sees the old table or the new one, or (for the
     instant between the two renames) none, never a mixture of parts.
     """
-    import shutil
-    import uuid
-
     tmp, final = Path(tmp), Path(final)
     with writing(final, existed=final.exists()):
         for f in tmp.iterdir():  # the parts' bytes are on disk before the folder appears
@@ -257,8 +261,6 @@ def run_lock(rd: RunDir, what: str) -> Iterator[None]:
     ends however it ends (even SIGKILL), so a stale file never blocks a later run. The
     file names the holder (``pid N (what)``) for the second process's message.
     """
-    import fcntl
-
     ensure_dir(rd.root, "run directory")
     with writing(rd.lock, "lock", existed=False), keeping("nothing was changed"):
         fh = open(rd.lock, "a+")
@@ -284,8 +286,6 @@ def refuse_if_locked(rd: RunDir) -> None:
     Creates nothing: a command calls it before its own checks, so a second ``train`` on
     a busy run says who holds it rather than "already holds a run".
     """
-    import fcntl
-
     if not rd.lock.is_file():
         return
     try:

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from ood_audit.runs import RunDir
-from ood_audit.scoring.schema import SCHEMA_VERSION, ScoresMeta, arrow_schema, totals_for
+from ood_audit.scoring.parquet import arrow_schema
+from ood_audit.scoring.schema import SCHEMA_VERSION, ScoresMeta, totals_for
 
 D = 784
 KINDS = ("actnorm", "invconv", "coupling")

@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.config import RunConfig, TrainConfig
 from ood_audit.distributed import DistContext
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
-from ood_audit.training.checkpoint import load_checkpoint
 from ood_audit.training.ddp import rank_slice
 from ood_audit.training.run import train_run
 

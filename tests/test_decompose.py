@@ -127,7 +127,7 @@ def test_model_without_term_groups(tmp_path):
 
 
 def _read(path):
-    from ood_audit.scoring.schema import read_scores
+    from ood_audit.scoring.parquet import read_scores
     return read_scores(path)
 
 

@@ -13,12 +13,13 @@ import yaml
 
 from ood_audit.analysis.detectors import waic_score
 from ood_audit.analysis.tables import load_run_scores
+from ood_audit.checkpoint import load_checkpoint
+from ood_audit.commands.score import score_run
 from ood_audit.errors import UserError
 from ood_audit.report.build import build_report
 from ood_audit.runs import RunDir
-from ood_audit.scoring.scorer import held_out_job, score_run
+from ood_audit.scoring.jobs import held_out_job
 from ood_audit.training.background import background_dir, train_background
-from ood_audit.training.checkpoint import load_checkpoint
 
 SCORE = dict(limit=40, train_limit=24, batch_size=16, device="cpu", notify=lambda m: None)
 

@@ -13,19 +13,17 @@ import torch
 from fake_scores import D, fake_frame, fake_meta
 
 from ood_audit.analysis import typicality
-from ood_audit.analysis.detectors import (
-    DETECTORS,
-    LEVEL_DIMS_KEY,
+from ood_audit.analysis.detectors import DETECTORS, LEVEL_DIMS_KEY, level_ratio_score, waic_score
+from ood_audit.analysis.detectors.table import (
     applicable_detectors,
     available_detectors,
     compute_detector,
     detector_scores,
-    level_ratio_score,
-    waic_score,
 )
 from ood_audit.errors import UserError
 from ood_audit.scoring.features import FEATURES, compute_feature
-from ood_audit.training.trainer import perturb_pixels, seeded
+from ood_audit.seeds import seeded
+from ood_audit.training.trainer import perturb_pixels
 
 
 def rows(log_px, split="test", role="in", dataset="fashionmnist", **cols) -> pd.DataFrame:

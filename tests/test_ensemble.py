@@ -14,12 +14,13 @@ from hypothesis.extra.numpy import arrays
 from sklearn.metrics import roc_auc_score
 
 from ood_audit.analysis.tables import load_run_scores
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.errors import UserError
 from ood_audit.report.build import build_report
 from ood_audit.runs import RunDir, resolve_run
-from ood_audit.scoring.detect import log_mean_exp
-from ood_audit.scoring.scorer import ScoreJob, score_images
-from ood_audit.training.checkpoint import load_checkpoint
+from ood_audit.scoring.batches import score_images
+from ood_audit.scoring.companions import log_mean_exp
+from ood_audit.scoring.jobs import ScoreJob
 
 # ---------------------------------------------------------------- log-mean-exp
 

@@ -20,10 +20,10 @@ import torch
 from ood_audit.data import bits_per_dim
 from ood_audit.errors import UserError
 from ood_audit.models.fastpath import FastPath, tune_cpu_allocator
-from ood_audit.models.flows.layers import ActNorm, EdgeConv2d, InvConv1x1
+from ood_audit.models.flows import ActNorm, EdgeConv2d, InvConv1x1
 from ood_audit.models.glow import Glow, GlowConfig
 from ood_audit.scoring.loader import dequantized_batches
-from ood_audit.scoring.scorer import NOISE_CHUNK, Shard, dequantized_chunks
+from ood_audit.scoring.noise import NOISE_CHUNK, Shard, dequantized_chunks
 
 SHAPE = (1, 8, 8)
 D = math.prod(SHAPE)
@@ -287,8 +287,8 @@ def test_train_channels_last_records_the_flag_and_matches_the_exact_path(tmp_pat
     import pandas as pd
     import yaml
 
+    from ood_audit.checkpoint import read_metadata
     from ood_audit.runs import RunDir
-    from ood_audit.training.checkpoint import read_metadata
 
     monkeypatch.chdir(tmp_path)
     code, err = _train_cli(tmp_path, tiny_data, capsys, "exact")

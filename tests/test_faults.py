@@ -33,12 +33,12 @@ import yaml
 from test_reliability import cli, one_error_line
 
 from ood_audit import faults
+from ood_audit.checkpoint import read_metadata
 from ood_audit.distributed import DistContext
 from ood_audit.errors import UserError
 from ood_audit.models.base import DensityModel
 from ood_audit.runs import RunDir, run_lock
-from ood_audit.scoring.schema import read_scores
-from ood_audit.training.checkpoint import read_metadata
+from ood_audit.scoring.parquet import read_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -289,16 +289,16 @@ def test_score_in_a_read_only_run_folder_changes_nothing(run_copy, tmp_path):
 def test_run_folder_removed_while_scoring(run_copy, monkeypatch):
     """The scores are finished in a temporary folder next to RUN/scores; someone removes
     it (or the whole run) before they are published."""
-    from ood_audit.scoring import scorer
+    from ood_audit.scoring import writer
 
-    real = scorer.ScoresWriter.close
+    real = writer.ScoresWriter.close
 
     def close_then_remove(self):
         real(self)
         shutil.rmtree(Path(self.writer.where).parent)
 
     with monkeypatch.context() as m:
-        m.setattr(scorer.ScoresWriter, "close", close_then_remove)
+        m.setattr(writer.ScoresWriter, "close", close_then_remove)
         code, _, err = cli(["score", "--run", str(run_copy.root), *SCORE])
     one_error_line(code, err, f"cannot write {run_copy.scores}: no such file or folder (ENOENT, "
                    "removed while running?)", "previous scores kept")

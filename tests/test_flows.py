@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from ood_audit.models.flows.layers import (
+from ood_audit.models.flows import (
     ActNorm,
     ActNormConv2d,
     AdditiveCoupling,

@@ -11,7 +11,7 @@ from torch.autograd.functional import jacobian
 
 from ood_audit.config import from_dict
 from ood_audit.errors import UserError
-from ood_audit.models.flows.layers import ActNorm, SplitPrior
+from ood_audit.models.flows import ActNorm, SplitPrior
 from ood_audit.models.glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 
 SHAPES = [(1, 4, 4), (3, 4, 4)]

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ood_audit.checkpoint import FORMAT, load_checkpoint
 from ood_audit.errors import UserError
 from ood_audit.models.glow import Glow
 from ood_audit.models.glow_convert import from_rosinality, from_y0ast
-from ood_audit.training.checkpoint import FORMAT, load_checkpoint
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 L, K, HIDDEN = 2, 2, 6

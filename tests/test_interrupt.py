@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from ood_audit.cli import decompose_cmd
 from ood_audit.cli.app import main
+from ood_audit.commands import decompose as decompose_cmd  # where decompose resolves its run
+from ood_audit.commands.score import score_run
+from ood_audit.interrupts import sigint_deferred
 from ood_audit.runs import RunDir
-from ood_audit.scoring.scorer import score_run, sigint_deferred
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ood_audit.analysis.over_training import over_training, wide
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
-from ood_audit.scoring.scorer import ScoreJob, score_images
-from ood_audit.training.checkpoint import load_checkpoint
+from ood_audit.scoring.batches import score_images
+from ood_audit.scoring.jobs import ScoreJob
 
 
 @pytest.fixture(scope="module")

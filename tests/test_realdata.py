@@ -23,7 +23,7 @@ pytestmark = [
 
 def test_train_and_score_real_fashionmnist_vs_mnist(tmp_path, monkeypatch):
     from ood_audit.cli.app import main
-    from ood_audit.scoring.schema import read_scores
+    from ood_audit.scoring.parquet import read_scores
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:

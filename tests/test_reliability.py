@@ -26,11 +26,11 @@ import pytest
 import torch
 from conftest import blobs
 
+from ood_audit.checkpoint import file_sha256, load_checkpoint, read_metadata
 from ood_audit.cli.app import main
 from ood_audit.config import RunConfig, TrainConfig
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir, run_lock
-from ood_audit.training.checkpoint import file_sha256, load_checkpoint, read_metadata
 from ood_audit.training.run import load_run_config, train_run
 
 # ----------------------------------------------------------------------------- helpers

@@ -14,7 +14,7 @@ import typer
 from fake_scores import fake_frame, fake_meta, write_fake_run, write_scores
 from typer.testing import CliRunner
 
-from ood_audit.analysis.detectors import detector_scores
+from ood_audit.analysis.detectors.table import detector_scores
 from ood_audit.analysis.metrics import ood_metrics
 from ood_audit.cli.report_cmd import report as report_cmd
 from ood_audit.errors import GateFailed, UserError

@@ -14,16 +14,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.data import dequantize, load_dataset
 from ood_audit.errors import UserError
 from ood_audit.models.registry import build_model, resolve_model_config
 from ood_audit.runs import RunDir
-from ood_audit.scoring import scorer
+from ood_audit.scoring import writer
+from ood_audit.scoring.batches import score_images
+from ood_audit.scoring.jobs import ScoreJob, build_jobs
 from ood_audit.scoring.loader import dequantized_batches
-from ood_audit.scoring.schema import read_scores
-from ood_audit.scoring.scorer import NOISE_CHUNK, ScoreJob, Shard, build_jobs, score_images, score_jobs, summarize
-from ood_audit.training.checkpoint import load_checkpoint
-from ood_audit.training.trainer import seeded
+from ood_audit.scoring.noise import NOISE_CHUNK, Shard
+from ood_audit.scoring.parquet import read_scores
+from ood_audit.scoring.scorer import score_jobs
+from ood_audit.scoring.writer import summarize
+from ood_audit.seeds import seeded
 
 CPU = torch.device("cpu")
 N = NOISE_CHUNK + 76  # two noise chunks, the second one short
@@ -119,7 +123,7 @@ def test_writer_streams_row_groups_and_summaries_match_the_table(glow, tmp_path,
     jobs = build_jobs(info, ["noise-uniform"], root=None, download=False, limit=300,
                       train_limit=0, seed=0, notify=lambda m: None)
     ref = score_jobs(model, info, jobs, tmp_path / "ref", batch_size=32, device=CPU, seed=0)
-    monkeypatch.setattr(scorer, "ROW_GROUP", 100)
+    monkeypatch.setattr(writer, "ROW_GROUP", 100)
     summaries = score_jobs(model, info, jobs, tmp_path / "small", batch_size=32, device=CPU,
                            seed=0, workers=2)
     meta = pq.ParquetFile(tmp_path / "small" / "part-0.parquet").metadata

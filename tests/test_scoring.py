@@ -9,12 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ood_audit.checkpoint import load_checkpoint, save_checkpoint
+from ood_audit.commands.score import score_run
 from ood_audit.data import load_dataset
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
-from ood_audit.scoring.schema import read_scores
-from ood_audit.scoring.scorer import ScoreJob, score_images, score_jobs, score_run
-from ood_audit.training.checkpoint import load_checkpoint, save_checkpoint
+from ood_audit.scoring.batches import score_images
+from ood_audit.scoring.jobs import ScoreJob
+from ood_audit.scoring.parquet import read_scores
+from ood_audit.scoring.scorer import score_jobs
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def scored(tiny_run, tiny_ood, tmp_path_factory):
     rd = RunDir(tiny_run)
     out = tmp_path_factory.mktemp("scored") / "scores"
     model, info = load_checkpoint(rd.model)
-    from ood_audit.scoring.scorer import build_jobs
+    from ood_audit.scoring.jobs import build_jobs
 
     jobs = build_jobs(info, [str(tiny_ood), "noise-uniform"], root=None, download=False,
                       limit=80, train_limit=40, seed=0, notify=lambda m: None)

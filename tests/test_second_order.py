@@ -230,7 +230,7 @@ def test_second_order_signs_and_fields_on_frozen_cv():
 def test_decompose_second_order_cli(tiny_run, tiny_ood, tmp_path, capsys):
     from ood_audit.cli.app import main
     from ood_audit.runs import RunDir
-    from ood_audit.scoring.schema import read_scores
+    from ood_audit.scoring.parquet import read_scores
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)  # tiny_run is shared read-only

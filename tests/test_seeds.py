@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from ood_audit.checkpoint import load_checkpoint
 from ood_audit.cli.app import main
 from ood_audit.config import RunConfig, TrainConfig
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
 from ood_audit.training import ensemble as ens
-from ood_audit.training.checkpoint import load_checkpoint
 from ood_audit.training.run import train_run
 
 
@@ -40,7 +40,7 @@ def test_seeds_train_one_run_each_equal_to_separate_runs(tiny_data, tmp_path, mo
                            "--epochs", "1", "--limit", "64", "--batch-size", "32", "--device", "cpu",
                            "--seeds", "0,1", "--out", "ens"], capsys)
     assert code == 0, err
-    assert "ensemble of 2" in out and "score --run ens --ood mnist" in out
+    assert "ensemble of 2" in out and "score ens --ood mnist" in out
     manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert manifest["members"] == ["seed-0", "seed-1"] and manifest["seeds"] == [0, 1]
     assert manifest["training"] is None

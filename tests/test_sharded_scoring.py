@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ood_audit.analysis.tables import load_run_scores, scores_location
+from ood_audit.commands.score import score_run
 from ood_audit.runs import RunDir
-from ood_audit.scoring.schema import canonical_order, read_scores
-from ood_audit.scoring.scorer import NOISE_CHUNK, Shard, score_run
+from ood_audit.scoring.noise import NOISE_CHUNK, Shard
+from ood_audit.scoring.parquet import canonical_order, read_scores
 
 # 2100 images = chunks of 1024, 1024, 52: rank 0 takes chunks 0 and 2, rank 1 chunk 1.
 N_OOD = 2 * NOISE_CHUNK + 52
@@ -48,10 +49,10 @@ def test_torchrun_two_ranks_equal_one_process(tiny_run, tmp_path):
     score_run(single, ["noise-uniform", "constant"], members=[member.root], **opts)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    # the natural command (torchrun's own parser took score's old --run for its --run-path:
+    # "ambiguous option"): RUN is score's argument
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           # "--": else torchrun's own parser takes score's --run for its --run-path
-           "-m", "--", "ood_audit", "score", "--run", str(sharded.root), *ARGS,
-           "--member", str(member.root)]
+           "-m", "ood_audit", "score", str(sharded.root), *ARGS, "--member", str(member.root)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, res.stdout  # only rank 0 prints

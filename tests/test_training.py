@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
 import yaml
 
+from ood_audit.checkpoint import load_checkpoint, read_metadata
 from ood_audit.config import RunConfig, TrainConfig, from_dict
 from ood_audit.errors import UserError
 from ood_audit.runs import RunDir
-from ood_audit.training.checkpoint import load_checkpoint, read_metadata
 from ood_audit.training.run import train_run
 
 
@@ -90,8 +92,8 @@ def test_unknown_model_and_preset_are_user_errors(tiny_data, tmp_path):
 
 def test_glow_cv_refuses_affine_override(tiny_data, tmp_path):
     cfg = _cfg(tiny_data)
-    cfg.model, cfg.model_config = "glow-cv", {"coupling": "affine"}
-    with pytest.raises(UserError, match="fixes coupling='additive'"):
+    with pytest.raises(UserError, match="fixes coupling='additive'"):  # checked as the config is made
+        cfg = dataclasses.replace(cfg, model="glow-cv", model_config={"coupling": "affine"})
         train_run(cfg, tmp_path / "c", runs_root=tmp_path, log=lambda m: None)
 
 

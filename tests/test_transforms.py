@@ -160,9 +160,9 @@ def untrained_run(root, data) -> object:
     scores, not a good one, and training costs time."""
     import yaml
 
+    from ood_audit.checkpoint import save_checkpoint
     from ood_audit.models.registry import build_model, config_dict, resolve_model_config
     from ood_audit.runs import RunDir
-    from ood_audit.training.checkpoint import save_checkpoint
 
     rd = RunDir(root)
     rd.root.mkdir(parents=True)
@@ -183,7 +183,7 @@ def untrained_run(root, data) -> object:
 
 @pytest.fixture(scope="module")
 def transformed_run(tiny_data, tiny_ood, tmp_path_factory):
-    from ood_audit.scoring.scorer import score_run
+    from ood_audit.commands.score import score_run
 
     rd = untrained_run(tmp_path_factory.mktemp("transformed") / "run", tiny_data)
     messages = []
@@ -194,7 +194,7 @@ def transformed_run(tiny_data, tiny_ood, tmp_path_factory):
 
 
 def test_scored_rows_are_tagged(transformed_run, tiny_ood):
-    from ood_audit.scoring.schema import read_scores
+    from ood_audit.scoring.parquet import read_scores
 
     rd, summaries, messages = transformed_run
     df, meta = read_scores(rd.scores)
@@ -283,7 +283,7 @@ def test_cli_help_lists_transforms():
 
 def test_cli_score_with_transforms(tiny_data, tmp_path, capsys):
     from ood_audit.cli.app import main
-    from ood_audit.scoring.schema import read_scores
+    from ood_audit.scoring.parquet import read_scores
 
     run = untrained_run(tmp_path / "run", tiny_data).root
 

@@ -35,11 +35,9 @@ import pandas as pd
 
 from ..errors import UserError
 from ..runs import atomic_path
-from ..scoring.schema import TERM_GROUPS, ScoresMeta, totals_for
+from ..scoring.schema import TERM_GROUPS, ScoresMeta, pretty, totals_for
 from .tables import group_label, groups, reference_rows
 
-#: How the report and the console spell a term.
-PRETTY = {"log_px": "log p(x)", "log_pz": "log p(z)", "logdet": "log|det|", "bpd": "bits/dim"}
 _MEMBER = re.compile(r"^(\d+)(?:_(.+))?$")  # after the group prefix: "0_actnorm" or "1"
 _GAP_EPS = 1e-9
 
@@ -61,10 +59,6 @@ class TermInfo:
     @property
     def unit(self) -> str:
         return "bits/dim" if self.name == "bpd" else "nats"
-
-
-def pretty(term: str) -> str:
-    return PRETTY.get(term, term)
 
 
 def term_columns(df: pd.DataFrame, meta: ScoresMeta) -> tuple[pd.DataFrame, list[TermInfo]]:

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..config import ReportConfig
 from ..errors import UserError
 
 #: The metrics :func:`ood_metrics` returns, each with ``_ci_low``/``_ci_high``.
@@ -97,7 +98,7 @@ def share_ood_above_in_median(score_in, score_ood) -> float:
     return float(np.mean(s_ood > np.median(s_in)))
 
 
-def ood_metrics(score_in, score_ood, *, n_boot: int = 1000, seed: int = 0,
+def ood_metrics(score_in, score_ood, *, n_boot: int = ReportConfig.n_boot, seed: int = 0,
                 ci: float = 0.95) -> dict[str, float | int]:
     """All metrics of :data:`METRICS` for one detector and one OOD set, with bootstrap CIs.
 

@@ -14,16 +14,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoint import load_checkpoint
+from ..config import DecomposeConfig, ScoreConfig
+from ..device import pick_device
 from ..errors import UserError
 from ..runs import RunDir, atomic_path
+from ..scoring.batches import model_columns, score_images
+from ..scoring.jobs import build_jobs
 from ..scoring.schema import totals_for
-from ..scoring.scorer import ScoreProgress, build_jobs, model_columns, score_images
-from ..training.checkpoint import load_checkpoint
-from ..training.trainer import pick_device
+from ..scoring.scorer import ScoreProgress
 
 
-def over_training(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,
-                  download: bool = False, batch_size: int = 256, device: str = "auto",
+def over_training(rd: RunDir, ood: list[str], *, limit: int = DecomposeConfig.over_training_limit,
+                  root: Path | None = None, download: bool = False,
+                  batch_size: int = ScoreConfig.batch_size, device: str = "auto",
                   seed: int = 0, progress: ScoreProgress | None = None) -> pd.DataFrame:
     """Tidy table: one row per (epoch, data set, term) with the term's mean over the subset.
 

@@ -54,11 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import load_checkpoint
+from ..config import SECOND_ORDER_CENTERS, DecomposeConfig
+from ..device import pick_device
 from ..errors import UserError
 from ..models.glow import Glow
 from ..runs import RunDir, atomic_write_text
-
-CENTERS = ("in", "pooled")  # x0: in-distribution test mean, or mean of (in-dist. + OOD set)
+from ..scoring.jobs import build_jobs
+from ..scoring.noise import dequantized_chunks
 
 
 class SecondOrderProgress:
@@ -98,7 +101,7 @@ def hvp_rows(model, x0: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return g.detach(), hv
 
 
-def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = 64,
+def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = DecomposeConfig.second_order_batch,
                     progress: SecondOrderProgress | None = None) -> Tensor:
     """v_i^T H(x0) v_i for every row of ``v`` ``[N, C, H, W]``, shape ``[N]``."""
     out = []
@@ -111,7 +114,7 @@ def quadratic_forms(model, x0: Tensor, v: Tensor, batch_size: int = 64,
     return torch.cat(out)
 
 
-def trace_h_sigma(model, x0: Tensor, x: Tensor, batch_size: int = 64,
+def trace_h_sigma(model, x0: Tensor, x: Tensor, batch_size: int = DecomposeConfig.second_order_batch,
                   progress: SecondOrderProgress | None = None) -> tuple[float, float]:
     """(Tr(H(x0) Sigma), its standard error), Sigma the sample covariance (1/N) of ``x``
     centred on its own mean."""
@@ -285,13 +288,15 @@ def _set_stats(model, x0, x, lp, batch_size, progress, label) -> dict:
             "trace_h_sigma": tr, "trace_se": se, **channel_variances(pixel_variances(x))}
 
 
-def second_order(model, images: dict[str, Tensor], reference: str, *, center: str = "pooled",
-                 batch_size: int = 64, progress: SecondOrderProgress | None = None) -> dict:
+def second_order(model, images: dict[str, Tensor], reference: str, *,
+                 center: str = DecomposeConfig.second_order_center,
+                 batch_size: int = DecomposeConfig.second_order_batch,
+                 progress: SecondOrderProgress | None = None) -> dict:
     """Predicted vs measured gap of every OOD set in ``images`` (name -> dequantized
     ``[N, C, H, W]``) against ``images[reference]``. JSON-ready dict (see the CLI)."""
     check_differentiable(model)
-    if center not in CENTERS:
-        raise UserError(f"center must be one of {', '.join(CENTERS)}, got {center!r}")
+    if center not in SECOND_ORDER_CENTERS:
+        raise UserError(f"center must be one of {', '.join(SECOND_ORDER_CENTERS)}, got {center!r}")
     if batch_size <= 0:
         raise UserError(f"--second-order-batch must be positive, got {batch_size}")
     progress = progress or SecondOrderProgress()
@@ -338,22 +343,17 @@ def second_order(model, images: dict[str, Tensor], reference: str, *, center: st
 
 def _dequantized(images: Tensor, seed: int, key: int) -> Tensor:
     """The scorer's dequantization, so these are the very x the scores were computed on."""
-    from ..scoring.scorer import dequantized_chunks
-
     return torch.cat([chunk for _, chunk in dequantized_chunks(images, seed, key)])
 
 
-def second_order_run(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path | None = None,
-                     download: bool = False, batch_size: int = 64, device: str = "auto",
-                     seed: int = 0, center: str = "pooled",
+def second_order_run(rd: RunDir, ood: list[str], *, limit: int = DecomposeConfig.second_order_limit,
+                     root: Path | None = None, download: bool = False,
+                     batch_size: int = DecomposeConfig.second_order_batch, device: str = "auto",
+                     seed: int = 0, center: str = DecomposeConfig.second_order_center,
                      progress: SecondOrderProgress | None = None) -> dict:
     """Load the run's model and the first ``limit`` images of its in-distribution test set
     and of each OOD set, dequantized with the scorer's seeded noise; write and return
     ``rd.second_order``."""
-    from ..scoring.scorer import build_jobs
-    from ..training.checkpoint import load_checkpoint
-    from ..training.trainer import pick_device
-
     if limit <= 0:
         raise UserError(f"--second-order-limit must be positive, got {limit}")
     dev = pick_device(device)
@@ -371,50 +371,6 @@ def second_order_run(rd: RunDir, ood: list[str], *, limit: int = 500, root: Path
     atomic_write_text(rd.second_order, json.dumps(result, indent=2, allow_nan=True) + "\n")
     return result
 
-
-
-# ---------------------------------------------------------------- tables (CLI and report)
-
-def _f(x, digits: int = 1) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def second_order_tables(result: dict):
-    """(gap table, per-channel variance table) as the report's plain Tables."""
-    from ..report.render import Table
-
-    gaps = Table(["OOD set", "measured gap", "predicted gap", "signs agree", "mean-shift term",
-                  "closed form (paper)", "closed form (linear)", "closed form (linear, full Σ)",
-                  "Tr(H Σ) OOD", "Tr(H Σ) in"])
-    for r in result["sets"]:
-        gaps.add([r["dataset"], f"{_f(r['measured_gap'])} ± {_f(r['measured_gap_se'])}",
-                  f"{_f(r['predicted_gap'])} ± {_f(r['predicted_gap_se'])}",
-                  "yes" if r["signs_agree"] else "NO", _f(r["mean_shift_term"]),
-                  _f(r["closed_form_paper"]), _f(r["closed_form_linear"]),
-                  _f(r.get("closed_form_linear_full")),
-                  _f(r["trace_h_sigma"]), _f(r["reference_trace_h_sigma"])],
-                 "" if r["signs_agree"] else "fail")
-    ref = result["reference_stats"] or {}
-    n_ch = len(ref.get("channel_var_mean", []))
-    var = Table(["set", *[f"c{c}: mean var / sum over h,w" for c in range(n_ch)]])
-    for name, st in [(result["reference"], ref), *((r["dataset"], r) for r in result["sets"])]:
-        var.add([name, *[f"{m:.5f} / {s:.3f}" for m, s in zip(st["channel_var_mean"],
-                                                             st["channel_var_sum"], strict=True)]])
-    return gaps, var
-
-
-def second_order_note(result: dict) -> str:
-    """One paragraph: what x0 is and how to read the numbers."""
-    x0 = ("the mean image of the in-distribution test set" if result["center"] == "in"
-          else "the mean of the in-distribution test set and the OOD set pooled")
-    return (f"x0 = {x0}. Predicted gap = 1/2 Tr(H (Sigma_ood - Sigma_in)), H the Hessian of "
-            "log p(x) at x0, estimated exactly on these images by Hessian-vector products (± "
-            "standard error over images); negative curvature means the set with the smaller "
-            "variance gets the higher likelihood. The mean-shift term is what the paper's "
-            "shared-mean assumption drops. Closed forms (glow-cv only) freeze the couplings: "
-            "'paper' is the paper's formula per level, 'linear' its exact linear-Gaussian "
-            "version with per-pixel variances, 'linear, full Σ' the same with pixel "
-            "covariances kept.")
 
 
 ASSUMPTIONS = {

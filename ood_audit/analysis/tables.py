@@ -19,7 +19,9 @@ import pandas as pd
 
 from ..errors import UserError
 from ..runs import RunDir
-from ..scoring.schema import ScoresMeta, read_scores
+from ..scoring.parquet import read_scores
+from ..scoring.schema import ScoresMeta
+from .detectors.table import with_detector_scores
 
 GROUP_KEYS = ["dataset", "role", "split", "transform"]
 
@@ -31,17 +33,15 @@ def scores_location(rd: RunDir) -> Path:
         if path.exists():
             return path
     raise UserError(
-        f"{rd.root} holds no scores.parquet or scores/ folder: run ood-audit score --run "
+        f"{rd.root} holds no scores.parquet or scores/ folder: run ood-audit score "
         f"{rd.root} --ood mnist first"
     )
 
 
 def load_run_scores(rd: RunDir) -> tuple[pd.DataFrame, ScoresMeta]:
-    """The run's scores table (checked by :func:`~ood_audit.scoring.schema.read_scores`),
+    """The run's scores table (checked by :func:`~ood_audit.scoring.parquet.read_scores`),
     with the ``score_<name>`` column of every detector ``score`` chose, computed now
-    (:func:`~ood_audit.analysis.detectors.with_detector_scores`)."""
-    from .detectors import with_detector_scores
-
+    (:func:`~ood_audit.analysis.detectors.table.with_detector_scores`)."""
     return with_detector_scores(*read_scores(scores_location(rd)))
 
 

@@ -17,10 +17,15 @@ constant D log 256 between that and the discrete code length cancels in every di
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from ..errors import UserError
+from .metrics import ood_metrics
+
+if TYPE_CHECKING:  # tables come in as pandas objects; the detectors' registry imports this
+    import pandas as pd  # module, and --help must not load pandas
 
 ALPHA = 0.99  # Nalisnick et al. 2019b: the 99% quantile of the bootstrapped statistic
 BATCH_SIZES = (1, 2, 5, 10)
@@ -80,8 +85,6 @@ def batch_table(log_px_train, log_px_in, ood: dict[str, np.ndarray], *,
     Row keys: ood_set, batch_size, threshold, in_flagged (false alarms), ood_flagged
     (detection rate), auroc (of -eps, in-distribution batches positive).
     """
-    from .metrics import ood_metrics
-
     entropy = entropy_estimate(log_px_train)
     rows = []
     for i, (label, values) in enumerate(ood.items()):

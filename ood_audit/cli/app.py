@@ -4,9 +4,11 @@ Exit codes: 0 success; 1 a CI gate failed (the report is still written); 2 a use
 (bad option, missing or corrupt file, unknown name) or a fault of the machine (a full
 disk, a file-size limit, a read-only or removed folder, no permission, memory running
 out: :mod:`ood_audit.faults`), printed as one line saying what to do and, for a fault,
-the file and what was kept; 130 interrupted by Ctrl-C, one
-line ``interrupted`` saying what was kept (143 for SIGTERM); anything else is a bug and keeps its
-traceback.
+the file and what was kept; 130 interrupted by Ctrl-C, one line ``interrupted`` saying
+what was kept (143 for SIGTERM); anything else is a bug and keeps its traceback.
+
+Under torchrun, rank 0 speaks for the run: the other ranks print no progress or results,
+only a fault or error of their own (a user error every rank meets alike is said once).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import sys
 import typer
 
 from .. import __version__
-from ..errors import GateFailed, Interrupted, UserError
+from ..errors import GateFailed, Interrupted, SaidByRankZero, UserError
 from ..faults import describe as describe_fault
-from . import decompose_cmd, fetch_cmd, report_cmd, run_cmd, score_cmd, train_cmd
+from ..torchrun_env import dist_env
+from . import decompose_cmd, fetch_cmd, render, report_cmd, run_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
     name="ood-audit",
@@ -62,47 +65,68 @@ app.command("run")(run_cmd.run)
 app.command("fetch")(fetch_cmd.fetch)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone, and when the variables are broken:
+    the command itself then says what is wrong with them)."""
+    try:
+        return dist_env()[0]
+    except UserError:
+        return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: user errors become one line on stderr and exit 2."""
+    if _rank() != 0:
+        render.out.quiet = render.err.quiet = True
     try:
         rv = app(args=argv, standalone_mode=False)
+    except SaidByRankZero as exc:
+        sys.exit(exc.exit_code)
     except Interrupted as exc:  # a command that stopped cleanly says what it kept
-        print(f"interrupted: {exc}", file=sys.stderr)
+        _say(f"interrupted: {exc}")
         sys.exit(exc.exit_code)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         sys.exit(UserError.exit_code)
     except GateFailed as exc:
-        print(f"gate failed: {exc}", file=sys.stderr)
+        _say(f"gate failed: {exc}")
         sys.exit(GateFailed.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:  # click turns Ctrl-C inside a command into Abort
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         sys.exit(130)
     except Exception as exc:
-        # Usage errors (unknown option, bad value) from click, or typer's vendored click:
-        # matched by shape so both work. One line, exit 2, pointing at --help.
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            ctx = getattr(exc, "ctx", None)
-            where = ctx.command_path if ctx is not None else "ood-audit"
-            print(f"error: {exc.format_message()} (see {where} --help)", file=sys.stderr)
-            sys.exit(exc.exit_code)
-        # A fault of the machine (a full disk, a file-size limit, a read-only or vanished
-        # folder, memory running out), however a library wrapped it: the user's
-        # environment, not a bug, and not a failed gate. The one place such errors
-        # become a line: the file, the cause, what was kept.
-        line = describe_fault(exc)
-        if line is not None:
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(UserError.exit_code)
+        _exit_on_usage_error_or_fault(exc)
         raise
     # standalone_mode=False hands back --help's and typer.Exit's exit code as the value;
     # typer turns a KeyboardInterrupt inside a command into Exit(130), silently.
     if rv == Interrupted.exit_code:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
     sys.exit(rv if isinstance(rv, int) else 0)
 
+
+def _exit_on_usage_error_or_fault(exc: Exception) -> None:
+    """Exit 2 with one line for a usage error or a fault of the machine; return for a bug."""
+    # Usage errors (unknown option, bad value) from click, or typer's vendored click:
+    # matched by shape so both work. One line, exit 2, pointing at --help.
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "ood-audit"
+        _say(f"error: {exc.format_message()} (see {where} --help)")
+        sys.exit(exc.exit_code)
+    # A fault of the machine (a full disk, a file-size limit, a read-only or vanished
+    # folder, memory running out), however a library wrapped it: the user's
+    # environment, not a bug, and not a failed gate. The one place such errors
+    # become a line: the file, the cause, what was kept.
+    line = describe_fault(exc)
+    if line is not None:
+        _say(f"error: {line}")
+        sys.exit(UserError.exit_code)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from .options import DataRootOpt, path_or_none
+from . import render
+from .options import DataRootOpt
+
+NamesArg = Annotated[list[str], typer.Argument(help="Data set names, e.g. fashionmnist mnist.",
+                                               show_default=False)]
 
 
-def fetch(
-    names: list[str] = typer.Argument(..., help="Data set names, e.g. fashionmnist mnist.",
-                                      show_default=False),
-    data_root: Path | None = DataRootOpt,
-) -> None:
+def fetch(names: NamesArg, data_root: DataRootOpt = None) -> None:
     """Download data sets into the data root unless they are already there.
 
     Uses torchvision's downloaders (mirrors, md5 checks) and its folder layout, so every
@@ -21,11 +21,9 @@ def fetch(
     need nothing. A failed download is one line naming the URLs to fetch by hand and the
     folder to put them in (exit 2). Example: ood-audit fetch fashionmnist mnist
     """
-    from ..data.fetch import fetch_dataset
+    from ..data.fetch import fetch_dataset  # torchvision: imported when the work starts
 
     for name in names:
-        done = fetch_dataset(name, path_or_none(data_root), log=typer.echo)
-        if done.status == "generated":
-            typer.echo(f"{name}: generated on demand, nothing to fetch")
-        else:
-            typer.echo(f"{name}: {done.status} in {done.root}")
+        done = fetch_dataset(name, data_root, log=render.line)
+        render.line(f"{name}: generated on demand, nothing to fetch" if done.status == "generated"
+                    else f"{name}: {done.status} in {done.root}")

@@ -25,9 +25,7 @@ import torch
 
 from ..errors import UserError
 from .images import ImageSet
-
-LUMA_BT601 = (0.299, 0.587, 0.114)
-CHUNK = 1024  # images per chunk
+from .transforms import CHUNK, LUMA_BT601
 
 
 def adapt_to_shape(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
@@ -70,7 +68,7 @@ def adapt_to_shape(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms.v2 import InterpolationMode  # lazy: start-up time
+    from torchvision.transforms.v2 import functional as F  # lazy: start-up time
 
     return F.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)

@@ -74,7 +74,7 @@ def _cifar_loader(name: str):
         paths = [base / f for f in files]
         if not all(p.is_file() for p in paths):
             if download:
-                import torchvision.datasets as tvd
+                import torchvision.datasets as tvd  # lazy: start-up time
 
                 tv_download(name, base, lambda: getattr(tvd, tv_name)(
                     root=str(root), train=(split == "train"), download=True))
@@ -135,7 +135,7 @@ def load_svhn(split: str, *, root: Path, download: bool = False, limit: int | No
     primary = Path(root) / "svhn" / filename
     path = next((p for p in (primary, Path(root) / filename) if p.is_file()), None)
     if path is None and download:
-        from torchvision.datasets import SVHN
+        from torchvision.datasets import SVHN  # lazy: start-up time
 
         tv_download("svhn", primary.parent,
                     lambda: SVHN(root=str(primary.parent), split=split, download=True))
@@ -144,7 +144,7 @@ def load_svhn(split: str, *, root: Path, download: bool = False, limit: int | No
         raise missing("svhn", split, f"{primary} (the format 2 'cropped digits' file "
                                      f"{filename} from http://ufldl.stanford.edu/housenumbers/)")
     try:
-        import scipy.io as sio
+        import scipy.io as sio  # lazy: start-up time
 
         mat = sio.loadmat(str(path), variable_names=["X", "y"])
     except Exception as exc:  # MatReadError, ValueError, OSError on a damaged file

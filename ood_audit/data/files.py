@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ..errors import UserError
 
+#: What a user file may be: an array file, or a folder of images with these suffixes.
+ARRAY_SUFFIXES = (".npy", ".npz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 ROOT_HINT = "pass --data-root DIR or set OOD_AUDIT_DATA"
 
 

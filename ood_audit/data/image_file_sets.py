@@ -37,7 +37,7 @@ OMNIGLOT_DIRS = {"train": "images_background", "test": "images_evaluation"}
 
 
 def _open(name: str, path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: start-up time
 
     try:
         img = Image.open(path)
@@ -59,7 +59,7 @@ def load_celeba(split: str, *, root: Path, download: bool = False, limit: int | 
     base = Path(root) / "celeba"
     partition, folder = base / "list_eval_partition.txt", base / "img_align_celeba"
     if not (partition.is_file() and folder.is_dir()) and download:
-        from torchvision.datasets import CelebA
+        from torchvision.datasets import CelebA  # lazy: start-up time
 
         tv_download("celeba", base, lambda: CelebA(root=str(root), split="all",
                                                    target_type=[], download=True))
@@ -70,7 +70,7 @@ def load_celeba(split: str, *, root: Path, download: bool = False, limit: int | 
     names = _celeba_split(partition, CELEBA_SPLITS[split])
     if limit is not None:
         names = names[:limit]
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time
 
     out = np.empty((len(names), CELEBA_SIZE, CELEBA_SIZE, 3), dtype=np.uint8)
     for i, fname in enumerate(names):
@@ -112,7 +112,7 @@ def load_omniglot(split: str, *, root: Path, download: bool = False,
     base = Path(root) / "omniglot-py"
     folder = base / OMNIGLOT_DIRS[split]
     if not folder.is_dir() and download:
-        from torchvision.datasets import Omniglot
+        from torchvision.datasets import Omniglot  # lazy: start-up time
 
         tv_download("omniglot", base, lambda: Omniglot(root=str(root),
                                                        background=(split == "train"),
@@ -121,7 +121,7 @@ def load_omniglot(split: str, *, root: Path, download: bool = False,
     if not files:
         raise missing("omniglot", split, f"{folder}/<alphabet>/<character>/*.png (unzip "
                                          f"{folder.name}.zip into {base})")
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time
 
     out = np.empty((len(files), 1, OMNIGLOT_SIZE, OMNIGLOT_SIZE), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)

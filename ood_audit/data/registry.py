@@ -14,18 +14,17 @@ SVHN, ImageNet32) and :mod:`.image_file_sets` (CelebA, Omniglot).
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from .array_sets import load_cifar10, load_cifar100, load_imagenet32, load_svhn
-from .image_file_sets import load_celeba, load_omniglot
-from .images import ImageSet
-from .synthetic import make_loader
-from .torchvision_sets import load_fashionmnist, load_kmnist, load_mnist
-from .user_files import ARRAY_SUFFIXES, IMAGE_SUFFIXES, load_user_data
+from .files import ARRAY_SUFFIXES, IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from .images import ImageSet
 
 SPLITS = ("train", "test")
 
@@ -38,38 +37,44 @@ class DatasetSpec:
     summary: str  # one line, shown in --help
     shape: tuple[int, int, int] | None  # native (C, H, W); None: takes the model's shape
     splits: tuple[str, ...]
-    loader: Callable[..., ImageSet]
+    #: ``module:function`` of this package, imported on first use, so the registry (and
+    #: ``--help``, which lists it) loads without torch
+    loader: str
+
+    def load(self, split: str, **options: object) -> ImageSet:
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(split, **options)
 
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec("fashionmnist", "Fashion-MNIST clothing, 28x28 gray, 60k train / 10k test",
-                    (1, 28, 28), SPLITS, load_fashionmnist),
+                    (1, 28, 28), SPLITS, "torchvision_sets:load_fashionmnist"),
         DatasetSpec("mnist", "MNIST handwritten digits, 28x28 gray, 60k train / 10k test",
-                    (1, 28, 28), SPLITS, load_mnist),
+                    (1, 28, 28), SPLITS, "torchvision_sets:load_mnist"),
         DatasetSpec("kmnist", "Kuzushiji-MNIST cursive Japanese characters, 28x28 gray, "
-                    "60k train / 10k test", (1, 28, 28), SPLITS, load_kmnist),
+                    "60k train / 10k test", (1, 28, 28), SPLITS, "torchvision_sets:load_kmnist"),
         DatasetSpec("omniglot", "Omniglot handwritten characters, 105x105 resized to 28x28, "
                     "inverted to bright strokes, 19,280 background (train) / 13,180 "
-                    "evaluation (test)", (1, 28, 28), SPLITS, load_omniglot),
+                    "evaluation (test)", (1, 28, 28), SPLITS, "image_file_sets:load_omniglot"),
         DatasetSpec("cifar10", "CIFAR-10 objects, 32x32 RGB, 50k train / 10k test",
-                    (3, 32, 32), SPLITS, load_cifar10),
+                    (3, 32, 32), SPLITS, "array_sets:load_cifar10"),
         DatasetSpec("cifar100", "CIFAR-100 objects (fine labels), 32x32 RGB, 50k train / "
-                    "10k test", (3, 32, 32), SPLITS, load_cifar100),
+                    "10k test", (3, 32, 32), SPLITS, "array_sets:load_cifar100"),
         DatasetSpec("svhn", "SVHN house-number digits, 32x32 RGB, 73,257 train / 26,032 test",
-                    (3, 32, 32), SPLITS, load_svhn),
+                    (3, 32, 32), SPLITS, "array_sets:load_svhn"),
         DatasetSpec("celeba", "CelebA faces, centre crop 140 resized to 32x32 RGB, 162,770 "
-                    "train / 19,962 test", (3, 32, 32), SPLITS, load_celeba),
+                    "train / 19,962 test", (3, 32, 32), SPLITS, "image_file_sets:load_celeba"),
         DatasetSpec("imagenet32", "downsampled ImageNet 32x32 RGB (npz batches), 1.28M train "
-                    "/ 50k val as test", (3, 32, 32), SPLITS, load_imagenet32),
+                    "/ 50k val as test", (3, 32, 32), SPLITS, "array_sets:load_imagenet32"),
         DatasetSpec("noise-uniform", "uniform noise: each pixel uniform in 0..255, model's shape",
-                    None, SPLITS, make_loader("noise-uniform")),
+                    None, SPLITS, "synthetic:load_noise_uniform"),
         DatasetSpec("noise-gaussian",
                     "Gaussian noise: pixels round(N(127.5, 64^2)) clipped to 0..255, "
-                    "model's shape", None, SPLITS, make_loader("noise-gaussian")),
+                    "model's shape", None, SPLITS, "synthetic:load_noise_gaussian"),
         DatasetSpec("constant", "constant images: each one value uniform in 0..255, "
-                    "model's shape", None, SPLITS, make_loader("constant")),
+                    "model's shape", None, SPLITS, "synthetic:load_constant"),
     )
 }
 
@@ -110,11 +115,13 @@ def load_dataset(name_or_path: str, split: str = "test", *, root: Path | None = 
             raise UserError(_unknown_message(name))
         if Path(name).expanduser().exists():
             _check_split(name, split, SPLITS)
+            from .user_files import load_user_data  # torch: imported where loading starts
+
             return load_user_data(name, split, limit)
         raise UserError(_unknown_message(name))
     _check_split(name, split, spec.splits)
-    return spec.loader(split, root=data_root(root), download=download, limit=limit,
-                       shape=shape, seed=seed)
+    return spec.load(split, root=data_root(root), download=download, limit=limit,
+                     shape=shape, seed=seed)
 
 
 def _check_split(name: str, split: str, splits: tuple[str, ...]) -> None:

@@ -60,6 +60,12 @@ def make_loader(name: str) -> Callable[..., ImageSet]:
     return load
 
 
+#: The registry's loaders (:data:`ood_audit.data.registry.DATASETS`), one per set.
+load_noise_uniform = make_loader("noise-uniform")
+load_noise_gaussian = make_loader("noise-gaussian")
+load_constant = make_loader("constant")
+
+
 def generate(name: str, split: str, *, shape: tuple[int, int, int] | None,
              limit: int | None = None, seed: int = 0) -> ImageSet:
     """``uint8 [N, C, H, W]`` images of synthetic set ``name``; N = min(limit, default size)."""

@@ -18,7 +18,7 @@ from .images import ImageSet
 def load_mnist(split: str, *, root: Path, download: bool = False, limit: int | None = None,
                **_: object) -> ImageSet:
     """MNIST digits, uint8 [N, 1, 28, 28], labels 0..9."""
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # lazy: start-up time
 
     return _load_idx(MNIST, "mnist", split, root, download, limit)
 
@@ -26,7 +26,7 @@ def load_mnist(split: str, *, root: Path, download: bool = False, limit: int | N
 def load_fashionmnist(split: str, *, root: Path, download: bool = False,
                       limit: int | None = None, **_: object) -> ImageSet:
     """Fashion-MNIST clothing, uint8 [N, 1, 28, 28], labels 0..9."""
-    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets import FashionMNIST  # lazy: start-up time
 
     return _load_idx(FashionMNIST, "fashionmnist", split, root, download, limit)
 
@@ -34,7 +34,7 @@ def load_fashionmnist(split: str, *, root: Path, download: bool = False,
 def load_kmnist(split: str, *, root: Path, download: bool = False, limit: int | None = None,
                 **_: object) -> ImageSet:
     """Kuzushiji-MNIST (cursive Japanese characters), uint8 [N, 1, 28, 28], labels 0..9."""
-    from torchvision.datasets import KMNIST
+    from torchvision.datasets import KMNIST  # lazy: start-up time
 
     return _load_idx(KMNIST, "kmnist", split, root, download, limit)
 

@@ -36,12 +36,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from .adapt import CHUNK, LUMA_BT601
-from .images import ImageSet
+
+if TYPE_CHECKING:  # the transforms work through tensor methods: this registry (and
+    import torch  # --help, which lists it) loads without torch
+
+    from .images import ImageSet
+
+LUMA_BT601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
+CHUNK = 1024  # images per chunk
 
 NONE = "none"  # the transform column of untransformed images
 
@@ -53,17 +58,18 @@ def _grayscale(x: torch.Tensor, _: float | None) -> torch.Tensor:
         return x
     if c != 3:
         raise UserError(f"grayscale needs 1- or 3-channel images, got {c} channels")
-    weights = torch.tensor(LUMA_BT601, dtype=torch.float32).view(1, 3, 1, 1)
-    y = (x.to(torch.float32) * weights).sum(dim=1, keepdim=True)
-    return y.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    f = x.float()
+    weights = f.new_tensor(LUMA_BT601).view(1, 3, 1, 1)
+    y = (f * weights).sum(dim=1, keepdim=True)
+    return y.round_().clamp_(0, 255).byte().expand(-1, 3, -1, -1)
 
 
 def _contrast(x: torch.Tensor, alpha: float | None) -> torch.Tensor:
     """[B, C, H, W] uint8 -> same: m + alpha (x - m), m the per-image mean."""
     assert alpha is not None
-    f = x.to(torch.float32)  # rounding errors ~1e-5: contrast=1 gives back x exactly
+    f = x.float()  # rounding errors ~1e-5: contrast=1 gives back x exactly
     m = f.mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
-    return (m + alpha * (f - m)).round_().clamp_(0, 255).to(torch.uint8)
+    return (m + alpha * (f - m)).round_().clamp_(0, 255).byte()
 
 
 def _invert(x: torch.Tensor, _: float | None) -> torch.Tensor:
@@ -126,7 +132,7 @@ class Transform:
 
     def __call__(self, images: ImageSet) -> ImageSet:
         """``images`` transformed (a new ImageSet; name, split, labels, adaptation kept)."""
-        out = torch.empty_like(images.images)
+        out = images.images.new_empty(images.images.shape)
         for start in range(0, len(images), CHUNK):
             out[start:start + CHUNK] = self.spec.fn(images.images[start:start + CHUNK],
                                                     self.arg)

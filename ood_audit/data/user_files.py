@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .files import ARRAY_SUFFIXES, IMAGE_SUFFIXES
 from .images import ImageSet
 
-ARRAY_SUFFIXES = (".npy", ".npz")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 IMAGE_KEYS = ("images", "x")
 LABEL_KEYS = ("labels", "y")
 _GRAY_MODES = ("1", "L", "LA", "La")
@@ -138,7 +137,7 @@ def _check_labels(labels: np.ndarray, n: int, shown: str) -> torch.Tensor:
 
 
 def _read_folder(folder: Path, shown: str, limit: int | None):
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time
 
     files = sorted(
         (f for f in folder.iterdir()

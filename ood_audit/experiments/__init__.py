@@ -23,10 +23,11 @@ interrupted one resumes); the other steps when ``OUT/experiment.json`` records t
 with the same inputs and their output exists, and nothing before them was redone.
 """
 
-
+from .hooks import ExperimentHooks
 from .plan import plan, train_argv
-from .runner import ExperimentHooks, ExperimentResult, run_experiment, statuses
+from .runner import ExperimentResult, run_experiment, statuses
 from .spec import STATE_FILE, STEPS, Experiment, Step, load_experiment, second_order_available
 
 __all__ = ["STATE_FILE", "STEPS", "Experiment", "ExperimentHooks", "ExperimentResult", "Step",
-           "load_experiment", "plan", "run_experiment", "second_order_available", "statuses", "train_argv"]
+           "load_experiment", "plan", "run_experiment", "second_order_available", "statuses",
+           "train_argv"]

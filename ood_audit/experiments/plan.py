@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, TrainConfig, to_dict
+from ..config import DecomposeConfig, RunConfig, ScoreConfig, TrainConfig, to_dict
 from ..runs import RunDir
 from .spec import Experiment, Step
 
@@ -34,11 +34,13 @@ def train_argv(rd: RunDir, cfg: RunConfig, seeds: list | None = None) -> tuple[l
         argv, prelude = train_argv(rd, cfg)
         return argv[:-2] + rest + argv[-2:], prelude
     rest = {k: v for k, v in to_dict(cfg.train).items() if k not in _TRAIN_FLAGS}
-    if cfg.model_config or rest != {k: v for k, v in to_dict(default).items() if k in rest}:
+    preset = to_dict(RunConfig(model=cfg.model, preset=cfg.preset).model_config)
+    changed = {k: v for k, v in to_dict(cfg.model_config).items() if v != preset[k]}
+    if changed or rest != {k: v for k, v in to_dict(default).items() if k in rest}:
         conf = rd.root.parent / f"{rd.root.name}.train.yaml"
         # Only what differs from the defaults: the file reads like examples/demo.yaml.
         short = {"model": cfg.model, "preset": cfg.preset, "data": cfg.data,
-                 **({"model_config": cfg.model_config} if cfg.model_config else {}),
+                 **({"model_config": changed} if changed else {}),
                  "train": {k: v for k, v in to_dict(cfg.train).items() if v != getattr(default, k)}}
         text = yaml.safe_dump(short, sort_keys=False)
         prelude = (f"mkdir -p {shlex.quote(str(conf.parent))}\n"
@@ -52,9 +54,49 @@ def train_argv(rd: RunDir, cfg: RunConfig, seeds: list | None = None) -> tuple[l
     return argv + ["--out", str(rd.root)], ""
 
 
+#: List fields of the command configs, and the option given once per item.
+_REPEATED = {"ood": "--ood", "transforms": "--transform", "detectors": "--detector",
+             "members": "--member", "gates": "--gate"}
+#: Fields whose option is not ``--field-name``; None: not an option of the command.
+_RENAMED = {"formats": "--format", "out": None}
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def option_argv(cfg) -> list[str]:
+    """The options that give the command config ``cfg``: every field that differs from
+    its default, as ``--field-name VALUE`` (a flag for a bool, repeated for a list, one
+    flag per fast path), so the defaults are stated only in the config class."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
+        if value == _default(f) or flag is None:
+            continue
+        if f.name == "fast_path":
+            argv += ["--" + name.replace("_", "-") for name in value]
+        elif f.name in _REPEATED:
+            argv += [x for item in value for x in (_REPEATED[f.name], str(item))]
+        elif isinstance(value, bool):
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def score_config(exp: Experiment, run) -> ScoreConfig:
+    """The experiment's score section for one run: on the device the run trains on."""
+    return dataclasses.replace(exp.score, device=run.config.train.device)
+
+
+def decompose_config(exp: Experiment, run) -> DecomposeConfig:
+    return dataclasses.replace(exp.decompose, device=run.config.train.device)
+
+
 def plan(exp: Experiment, data_root: Path | None = None) -> list[Step]:
     """Every step of the experiment in order, with its CLI equivalent and fingerprint."""
-    s, d, r = exp.score, exp.decompose, exp.report
     extra = ["--data-root", str(data_root)] if data_root is not None else []
     steps: list[Step] = []
     for run in exp.runs:
@@ -62,41 +104,19 @@ def plan(exp: Experiment, data_root: Path | None = None) -> list[Step]:
         steps.append(Step("train", f"train:{run.root}", argv + extra, run,
                           _digest([comparable_config(cfg) for _, cfg in run.members]), prelude))
     for run in exp.runs:
-        rd = run.scored
-        argv = ["ood-audit", "score", "--run", str(rd.root)]
-        for name in s.ood:
-            argv += ["--ood", name]
-        if s.limit is not None:
-            argv += ["--limit", str(s.limit)]
-        argv += ["--train-limit", str(s.train_limit), "--batch-size", str(s.batch_size),
-                 "--seed", str(s.seed)]
-        argv += ["--held-out"] if s.held_out else []
-        for t in s.transforms:
-            argv += ["--transform", t]
-        for det in s.detectors or []:
-            argv += ["--detector", det]
-        if s.iw_samples is not None:
-            argv += ["--iw-samples", str(s.iw_samples)]
+        rd, cfg = run.scored, score_config(exp, run)
+        argv = ["ood-audit", "score", str(rd.root), *option_argv(cfg)]
         steps.append(Step("score", f"score:{rd.root}", argv + extra, run,
-                          _digest(to_dict(s), [str(m.root) for m, _ in run.members])))
-    so = ["--second-order", "--second-order-limit", str(d.second_order_limit),
-          "--second-order-batch", str(d.second_order_batch),
-          "--second-order-center", d.second_order_center] if d.second_order else []
+                          _digest(to_dict(exp.score), [str(m.root) for m, _ in run.members])))
     for run in exp.runs:
-        rd = run.scored
-        argv = ["ood-audit", "decompose", "--run", str(rd.root)]
-        if d.over_training:
-            argv += ["--over-training", "--over-training-limit", str(d.over_training_limit)]
-        argv += so
+        rd, cfg = run.scored, decompose_config(exp, run)
+        argv = ["ood-audit", "decompose", str(rd.root), *option_argv(cfg)]
         steps.append(Step("decompose", f"decompose:{rd.root}", argv + extra, run,
-                          _digest(to_dict(d))))
+                          _digest(to_dict(exp.decompose))))
     argv = ["ood-audit", "report", *(str(run.scored.root) for run in exp.runs),
-            "--out", str(exp.report_dir), "--format", r.formats, "--n-boot", str(r.n_boot),
-            "--seed", str(r.seed)]
-    for gate in r.gates:
-        argv += ["--gate", gate]
+            "--out", str(exp.report_dir), *option_argv(exp.report)]
     steps.append(Step("report", "report", argv, None,
-                      _digest(to_dict(r), [str(run.scored.root) for run in exp.runs])))
+                      _digest(to_dict(exp.report), [str(run.scored.root) for run in exp.runs])))
     return steps
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, from_dict, load_yaml
+from ..config import DecomposeConfig, ReportConfig, RunConfig, ScoreConfig, from_dict, load_yaml
 from ..errors import UserError
 from ..runs import RunDir
 
@@ -28,6 +29,7 @@ class TrainSection(RunConfig):
     seeds: list | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.seeds is not None:
             if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                          and s >= 0 for s in self.seeds):
@@ -39,65 +41,14 @@ class TrainSection(RunConfig):
         train = dataclasses.replace(self.train) if seed is None else dataclasses.replace(
             self.train, seed=seed)
         return RunConfig(model=self.model, preset=self.preset, data=self.data,
-                         model_config=dict(self.model_config), train=train)
-
-
-def _strings(name: str, values: list | None) -> None:
-    if values is not None and not all(isinstance(v, str) and v for v in values):
-        raise UserError(f"{name} must be a list of non-empty strings, got {values!r}")
+                         model_config=self.model_config, train=train)
 
 
 @dataclass
-class ScoreSection:
-    """``ood-audit score`` options (same names, ``transforms`` = repeated --transform)."""
-
-    ood: list = field(default_factory=list)
-    limit: int | None = None
-    train_limit: int = 2000
-    batch_size: int = 256
-    seed: int = 0
-    held_out: bool = False
-    transforms: list = field(default_factory=list)
-    detectors: list | None = None
-    iw_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.ood:
-            raise UserError("ood: name at least one OOD set (e.g. ood: [mnist])")
-        for name in ("ood", "transforms", "detectors"):
-            _strings(name, getattr(self, name))
-        for name in ("limit", "batch_size", "iw_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"{name} must be positive, got {value}")
-        if self.train_limit < 0 or self.seed < 0:
-            raise UserError("train_limit and seed must be zero or positive")
-
-
-@dataclass
-class DecomposeSection:
-    """``ood-audit decompose`` options."""
-
-    over_training: bool = False
-    over_training_limit: int = 500
-    second_order: bool = False  # the paper's second-order (Hessian trace) analysis
-    second_order_limit: int = 500
-    second_order_batch: int = 64
-    second_order_center: str = "pooled"  # pooled | in
-
-
-@dataclass
-class ReportSection:
+class ReportSection(ReportConfig):
     """``ood-audit report`` options; ``out`` is relative to the experiment's folder."""
 
-    gates: list = field(default_factory=list)
-    formats: str = "html,md,json"
-    n_boot: int = 1000
-    seed: int = 0
     out: str = "report"
-
-    def __post_init__(self) -> None:
-        _strings("gates", self.gates)
 
 
 @dataclass
@@ -122,8 +73,8 @@ class ExperimentFile:
     out: str | None = None  # default runs/<name>[-<variant>]
     train: dict = field(default_factory=dict)
     runs: list | None = None
-    score: ScoreSection | None = None
-    decompose: DecomposeSection = field(default_factory=DecomposeSection)
+    score: ScoreConfig | None = None
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     report: ReportSection = field(default_factory=ReportSection)
     variants: dict = field(default_factory=dict)
 
@@ -161,8 +112,8 @@ class Experiment:
     paper: str
     out: Path
     runs: list[PlannedRun]
-    score: ScoreSection
-    decompose: DecomposeSection
+    score: ScoreConfig
+    decompose: DecomposeConfig
     report: ReportSection
 
     @property
@@ -237,7 +188,6 @@ def _resolve(path: Path, raw: dict, variant: str | None, preset: str | None, out
             merged = deep_merge(merged, {"train": {"device": device}})
         label = f"{where}: train" + (f" (run {entry.name})" if spec.runs else "")
         cfg = from_dict(TrainSection, merged, where=label)
-        _check_model(cfg, label)
         root = Path(out) / entry.name
         members = ([(RunDir(root / f"seed-{s}"), cfg.run_config(s)) for s in cfg.seeds]
                    if cfg.seeds else [(RunDir(root), cfg.run_config())])
@@ -261,23 +211,7 @@ def _parse(raw: dict, where: str) -> ExperimentFile:
     return spec
 
 
-def _check_model(cfg: TrainSection, where: str) -> None:
-    """Model and preset names (and model_config keys) fail at load time, not mid-run."""
-    from ..models.registry import MODELS, get_spec
-
-    if cfg.model not in MODELS:
-        raise UserError(f"{where}: unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
-    spec = get_spec(cfg.model)
-    if cfg.preset not in spec.presets:
-        raise UserError(f"{where}: model {cfg.model!r} has no preset {cfg.preset!r}; "
-                        f"choose one of: {', '.join(spec.presets)}")
-    from_dict(spec.config_cls, {**spec.presets[cfg.preset], **cfg.model_config},
-              where=f"{where}: model_config")
-
-
 def second_order_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("ood_audit.analysis.second_order") is not None
 
 

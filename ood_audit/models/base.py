@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 class DensityModel(nn.Module):
     """Base class. Subclasses set ``input_shape`` and implement ``log_prob_terms``."""
@@ -32,8 +34,6 @@ class DensityModel(nn.Module):
 
     def set_score_option(self, name: str, value: object) -> None:
         """Set a scoring-time option (a VAE's ``iw_samples``); unknown options are errors."""
-        from ..errors import UserError
-
         raise UserError(f"{type(self).__name__} has no scoring option {name!r}")
 
     def log_prob(self, x: Tensor) -> Tensor:

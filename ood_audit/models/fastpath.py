@@ -24,19 +24,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..errors import UserError
+from .fastpath_names import FAST_PATHS
+from .flows.coupling import AffineCoupling
+from .flows.invconv import InvConv1x1
 
-#: Fast-path options by name, with what they do; the CLI derives its flags' help from this.
-FAST_PATHS: dict[str, str] = {
-    "channels_last": "activations in channels-last (NHWC) memory format on GPUs, which cuDNN "
-                     "convolves faster (CPUs use it on the exact path already); changes log p(x) "
-                     "by rounding only (~1e-6 relative)",
-    "compile": "torch.compile the whole forward pass (one graph, no breaks); needs a C++ "
-               "compiler on CPU, Triton on CUDA; the first batch pays minutes of compilation",
-    "bf16": "coupling networks in bfloat16 (autocast); log-dets, priors, ActNorm and the "
-            "1x1 convolution stay float32/float64; changes bits/dim by ~1e-3",
-    "tf32": "TensorFloat-32 matmuls and convolutions, CUDA only (an error on CPU); the 1x1 "
-            "convolution then runs in float64",
-}
+__all__ = ["FAST_PATHS", "FastPath", "activation_memory_format", "apply_memory_format",
+           "apply_to_layers", "enable_tf32", "require_compile", "tune_cpu_allocator"]
 
 
 @dataclass
@@ -155,3 +148,15 @@ def apply_memory_format(x: torch.Tensor, fast: FastPath) -> torch.Tensor:
     if x.dim() == 4 and fmt is torch.channels_last:
         return x.contiguous(memory_format=fmt)
     return x
+
+
+def apply_to_layers(model: torch.nn.Module, fast: FastPath) -> None:
+    """Set the precision knobs of the layers that have one: the coupling networks run in
+    bfloat16 with ``bf16``; the 1x1 convolutions in float64 with ``tf32`` (which would
+    lower their precision). Everything else a fast path changes is applied by the
+    composite around the layers (:class:`~ood_audit.models.flows.multiscale.MultiScaleFlow`)."""
+    for module in model.modules():
+        if isinstance(module, AffineCoupling):
+            module.bf16 = fast.bf16
+        if isinstance(module, InvConv1x1):
+            module.float64 = fast.tf32

@@ -5,7 +5,7 @@ dequantized image, gives the same log p(x) as the source model up to float round
 (``tests/test_glow_convert.py`` checks it against clones of the ports, 1e-4 relative).
 Our Glow can hold all three because its layers are supersets of theirs:
 
-- the coupling network's conv + ActNorm (:class:`~.flows.layers.ActNormConv2d`) holds a
+- the coupling network's conv + ActNorm (:class:`~.flows.convs.ActNormConv2d`) holds a
   plain conv with a bias (``logs = 0``);
 - the edge channel (``edge_bias``) holds rosinality's "pad with 1" zero convs, whose
   border contribution is the edge channel's kernel summed over input channels;
@@ -19,6 +19,7 @@ Nothing here imports the ports' code: only their state dicts (tensors) are read.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .flows.layers import edge_mask
+from .flows.convs import edge_mask
 from .glow import Glow, GlowConfig
 
 #: The architecture version this module converts to (checkpoint metadata ``model.arch``).
@@ -196,7 +197,7 @@ def from_y0ast(state: dict[str, Tensor], hparams: dict[str, Any],
 def _zero_conv(cv: Converter, dst: str, src: str, logs_name: str, order: Tensor | None,
                pad_one: bool = False) -> None:
     """A zero-initialised 3x3 conv (weight, bias, ``exp(3 logs)`` scale) into our
-    :class:`~.flows.layers.ZeroConv2d`, output channels reordered by ``order``; with
+    :class:`~.flows.convs.ZeroConv2d`, output channels reordered by ``order``; with
     ``pad_one`` (rosinality) the border of ones becomes the edge channel's kernel."""
     weight, bias = cv.get(f"{src}.conv.weight"), cv.get(f"{src}.conv.bias")
     logs = cv.get(f"{src}.{logs_name}").flatten()
@@ -290,8 +291,6 @@ def upgrade_arch1(config: GlowConfig, state: dict[str, Tensor], input_shape: tup
                   where: str) -> tuple[GlowConfig, dict[str, Tensor]]:
     """An ood-audit 0.1 Glow checkpoint (coupling convs with biases and no ActNorm; plain
     ActNorm log-scales) as the same function in today's layers."""
-    import dataclasses
-
     config = dataclasses.replace(config, edge_bias=False, actnorm_logscale=1.0)
     cv = Converter(state, config, input_shape, where)
     for key in cv.target:

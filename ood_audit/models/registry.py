@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import from_dict
 from ..errors import UserError
+from ..parsing import from_dict
 from .base import DensityModel
+from .catalog import MODEL_FAMILIES
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 from .glow_convert import GLOW_ARCH, upgrade_arch1
 from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
@@ -43,7 +44,7 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "glow": ModelSpec(
         name="glow",
-        summary="Glow with affine coupling (Kingma & Dhariwal 2018)",
+        summary=MODEL_FAMILIES["glow"],
         config_cls=GlowConfig,
         presets=GLOW_PRESETS,
         fixed={"coupling": "affine"},
@@ -54,7 +55,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "glow-cv": ModelSpec(
         name="glow-cv",
-        summary="constant-volume Glow: additive coupling, log|det| independent of x",
+        summary=MODEL_FAMILIES["glow-cv"],
         config_cls=GlowConfig,
         presets=GLOW_PRESETS,
         fixed={"coupling": "additive"},
@@ -65,8 +66,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "vae": ModelSpec(
         name="vae",
-        summary="conv VAE, discretized logistic decoder, scored by the IWAE bound "
-                "(Kingma & Welling 2014; Burda et al. 2016)",
+        summary=MODEL_FAMILIES["vae"],
         config_cls=VAEConfig,
         presets=VAE_PRESETS,
         fixed={},
@@ -74,8 +74,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "pixelcnn": ModelSpec(
         name="pixelcnn",
-        summary="PixelCNN++: gated two-stream autoregressive model, discretized logistic "
-                "mixture (Salimans et al. 2017)",
+        summary=MODEL_FAMILIES["pixelcnn"],
         config_cls=PixelCNNConfig,
         presets=PIXELCNN_PRESETS,
         fixed={},
@@ -92,16 +91,22 @@ def get_spec(name: str) -> ModelSpec:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def resolve_model_config(
-    name: str, preset: str, overrides: dict[str, Any], input_shape: tuple[int, int, int]
-) -> tuple[Any, list[str]]:
-    """The full config of model ``name``: preset, then overrides, then the family's fixed
-    settings, then fitted to the input shape. Returns the config and notes to print."""
+def model_settings(name: str, preset: str, config: Any = None) -> Any:
+    """The config dataclass of model ``name``: its preset, then ``config`` (a mapping of
+    overrides, or a config of the family), then the family's fixed settings; the one place
+    a run's ``model_config`` is checked (:class:`~ood_audit.config.RunConfig` calls it)."""
     spec = get_spec(name)
     if preset not in spec.presets:
         raise UserError(
             f"model {name!r} has no preset {preset!r}; choose one of: {', '.join(spec.presets)}"
         )
+    if dataclasses.is_dataclass(config):
+        if not isinstance(config, spec.config_cls):
+            raise UserError(f"model_config is a {type(config).__name__}; model {name!r} takes a "
+                            f"{spec.config_cls.__name__}")
+        overrides = config_dict(config)
+    else:
+        overrides = dict(config or {})
     clash = sorted(k for k in overrides if k in spec.fixed and overrides[k] != spec.fixed[k])
     if clash:
         raise UserError(
@@ -109,8 +114,15 @@ def resolve_model_config(
             "drop it from model_config or pick the other model family"
         )
     merged = {**spec.presets[preset], **overrides, **spec.fixed}
-    config = from_dict(spec.config_cls, merged, where=f"model_config of {name}")
-    config, note = spec.fit(config, input_shape)
+    return from_dict(spec.config_cls, merged, where=f"model_config of {name}")
+
+
+def resolve_model_config(
+    name: str, preset: str, overrides: Any, input_shape: tuple[int, int, int]
+) -> tuple[Any, list[str]]:
+    """The full config of model ``name`` (:func:`model_settings`), fitted to the input
+    shape. Returns the config and notes to print."""
+    config, note = get_spec(name).fit(model_settings(name, preset, overrides), input_shape)
     return config, [note] if note else []
 
 

@@ -11,6 +11,7 @@ split=test, transform=none) as the positive class; see :mod:`ood_audit.analysis.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -23,16 +24,19 @@ import pandas as pd
 from .. import __version__
 from ..analysis import tables, typicality
 from ..analysis.decomposition import decompose, gaps
-from ..analysis.detectors import DEFAULT_DETECTOR, DETECTORS, detector_scores
+from ..analysis.detectors import DEFAULT_DETECTOR, DETECTORS
+from ..analysis.detectors.table import detector_scores
 from ..analysis.metrics import METRICS, ood_metrics, roc_points
+from ..config import REPORT_FORMATS, ReportConfig
 from ..errors import UserError
 from ..runs import RunDir, atomic_write_bytes, atomic_write_text
+from ..scoring.needs import member_columns
 from ..scoring.pixel_maps import load_pixel_maps
+from ..scoring.schema import ENSEMBLE_COLUMN
 from . import html_page, plots, render
 from .gates import Gate, GateResult, evaluate_gates, parse_gate
 from .sweep import contrast_sweep
 
-FORMAT_FILES = {"html": "report.html", "md": "report.md", "json": "summary.json"}
 #: Written by ``decompose --over-training`` when present; shown as a table.
 OVER_TRAINING_FILES = ("over_training.parquet", "over_training.csv")
 STEP_SUMMARY_LIMIT = 1024 * 1024  # GitHub rejects job summaries above 1 MiB
@@ -43,16 +47,6 @@ CONVENTION = (
     "of OOD accepted at the threshold keeping 95% of in-distribution (ties accepted). "
     "Intervals: percentile bootstrap 95%."
 )
-
-
-def parse_formats(text: str) -> list[str]:
-    """``"html,md,json"`` -> ["html", "md", "json"]; UserError for anything else."""
-    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMAT_FILES]
-    if bad or not formats:
-        raise UserError(f"--format {text!r}: choose one or more of {', '.join(FORMAT_FILES)} "
-                        "separated by commas")
-    return list(dict.fromkeys(formats))
 
 
 @dataclass
@@ -84,6 +78,21 @@ class ReportResult:
     @property
     def failed(self) -> list[GateResult]:
         return [g for g in self.gates if not g.passed]
+
+
+def jsonable(obj):
+    """A copy with NaN/inf as None and numpy scalars as Python ones (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()  # numpy scalar
+    if obj is None or obj is pd.NA:
+        return None
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def run_names(runs: list[RunDir]) -> list[str]:
@@ -122,14 +131,15 @@ def verdict(row: dict) -> str:
     return words
 
 
-def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> RunAnalysis:
+def analyse_run(rd: RunDir, name: str, *, n_boot: int = ReportConfig.n_boot,
+                seed: int = ReportConfig.seed) -> RunAnalysis:
     """Load one run's scores and compute everything its report section shows."""
     df, meta = tables.load_run_scores(rd)
     where = f"scores of {rd.root}"
     ref = tables.reference_rows(df, where)
     sets = tables.ood_sets(df)
     if not sets:
-        raise UserError(f"{where} hold no OOD set: run ood-audit score --run {rd.root} --ood mnist")
+        raise UserError(f"{where} hold no OOD set: run ood-audit score {rd.root} --ood mnist")
     notes: list[str] = []
     scores = detector_scores(df, meta)
     rows, roc = [], {}
@@ -183,8 +193,7 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
         "dequant_seed": meta.dequant_seed, "run_config": meta.run_config,
         "adaptations": meta.adaptations, "extra": meta.extra,
         "reference": tables.group_label(ref["dataset"].iloc[0], "in", "test", "none"),
-        "detectors": [{"name": d, "summary": DETECTORS[d].summary if d in DETECTORS
-                       else "precomputed score column"} for d in scores],
+        "detectors": [_legend(d) for d in scores],
         "sets": group_rows, "metrics": rows,
         "decomposition": table.to_dict(orient="records"),
         "gaps": [{**{k: getattr(g, k) for k in ("label", "reference", "log_px", "bpd",
@@ -201,6 +210,16 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = 1000, seed: int = 0) -> 
     }
     return RunAnalysis(section, bpd_groups, roc, table, training,
                        load_pixel_maps(rd.pixel_maps))
+
+
+def _legend(name: str) -> dict:
+    """A detector as the report's legend shows it: its docstring's formula and paper, and
+    the AUROCs its paper reports (:mod:`ood_audit.analysis.detectors.base`)."""
+    det = DETECTORS.get(name)
+    if det is None:
+        return {"name": name, "summary": "precomputed score column", "paper": "", "published": []}
+    return {"name": name, "summary": det.summary, "paper": det.paper,
+            "published": [dataclasses.asdict(p) for p in det.published]}
 
 
 def mark_best(rows: list[dict], order: list[str]) -> list[dict]:
@@ -250,12 +269,9 @@ def ensemble_aurocs(df: pd.DataFrame, ref: pd.DataFrame, sets: list) -> dict | N
     """Per OOD set, the AUROC of log p(x) under each member, the mean of those AUROCs, and
     the AUROC of the ensemble's log mean density ``log_px_ensemble`` (Nalisnick et al.
     2019: ensembling does not close the gap); None when the scores hold no ensemble."""
-    from ..analysis.detectors import member_columns
-    from ..scoring.schema import ENSEMBLE_COLUMN
-
     if ENSEMBLE_COLUMN not in df.columns:
         return None
-    columns = {f"member {i}": c for i, c in enumerate(["log_px", *member_columns(df)])}
+    columns = {f"member {i}": c for i, c in enumerate(["log_px", *member_columns(df.columns)])}
     columns["ensemble"] = ENSEMBLE_COLUMN
 
     def auroc(column: str, rows: pd.DataFrame) -> float:
@@ -313,8 +329,8 @@ def figures_for(a: RunAnalysis) -> dict[str, bytes]:
 
 def build_report(runs: list[RunDir], out: Path,
                  formats: list[str] | tuple[str, ...] = ("html", "md", "json"),
-                 gates: list[Gate | str] = (), *, n_boot: int = 1000,
-                 seed: int = 0) -> ReportResult:
+                 gates: list[Gate | str] = (), *, n_boot: int = ReportConfig.n_boot,
+                 seed: int = ReportConfig.seed) -> ReportResult:
     """Analyse ``runs``, write the requested formats into ``out``, evaluate ``gates``.
 
     Gates are parsed and checked against the data before anything is written, so a bad
@@ -343,7 +359,7 @@ def build_report(runs: list[RunDir], out: Path,
                    "detail": r.detail} for r in results],
         "gates_passed": all(r.passed for r in results),
     }
-    summary = render.jsonable(summary)
+    summary = jsonable(summary)
     files: dict[str, Path] = {}
     # Figures are the slow part (matplotlib): only drawn for a format that shows them.
     drawn = "html" in formats or "md" in formats
@@ -352,7 +368,7 @@ def build_report(runs: list[RunDir], out: Path,
         figs[render.OVERVIEW_FIGURE] = plots.auroc_overview(
             rows, "AUROC per detector and OOD set (in-distribution positive)")
     if "html" in formats:
-        files["html"] = out / FORMAT_FILES["html"]
+        files["html"] = out / REPORT_FORMATS["html"]
         atomic_write_text(files["html"], html_page.render_html(summary, figs))
     if "md" in formats:
         fig_paths = {}
@@ -360,10 +376,10 @@ def build_report(runs: list[RunDir], out: Path,
             rel = Path("figures") / (render.slug(key) + ".png")
             atomic_write_bytes(out / rel, png)
             fig_paths[key] = rel.as_posix()
-        files["md"] = out / FORMAT_FILES["md"]
+        files["md"] = out / REPORT_FORMATS["md"]
         atomic_write_text(files["md"], render.render_markdown(summary, fig_paths))
     if "json" in formats:
-        files["json"] = out / FORMAT_FILES["json"]
+        files["json"] = out / REPORT_FORMATS["json"]
         atomic_write_text(files["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return ReportResult(out, files, summary, rows, results,
                         render.render_markdown(summary, None))

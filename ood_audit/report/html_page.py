@@ -25,6 +25,7 @@ from .render import (
     Table,
     contrast_table,
     decomposition_tables,
+    detector_legend,
     ensemble_table,
     gate_table,
     metric_tables_by_set,
@@ -34,6 +35,7 @@ from .render import (
     typicality_note,
     typicality_table,
 )
+from .second_order import second_order_note, second_order_tables
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1500px;
@@ -97,8 +99,6 @@ def _second_order(result: dict | None) -> list[str]:
     """The "Second-order prediction" section (decompose --second-order), or nothing."""
     if not result:
         return []
-    from ..analysis.second_order import second_order_note, second_order_tables
-
     gaps_t, var_t = second_order_tables(result)
     return ["<h3>Second-order prediction</h3>",
             f'<p class="note">{html.escape(second_order_note(result))}</p>',
@@ -117,7 +117,8 @@ def _run_section(run: dict, figs: dict[str, bytes], several_runs: bool) -> str:
            _img(figs, f"{n}/hist", "bits/dim histograms"),
            _html_table(sets_table(run)), "<h3>ROC curves</h3>",
            _img(figs, f"{n}/roc", "ROC curves, one panel per detector: "
-                + ", ".join(d["name"] for d in run["detectors"]))]
+                + ", ".join(d["name"] for d in run["detectors"])),
+           "<h3>Detectors</h3>", _html_table(detector_legend(run))]
     if several_runs:  # with one run, the metrics at the top are this run's
         sec += ["<h3>Metrics</h3>", _metric_tables(run["metrics"], with_run=False)]
     if run.get("ensemble"):

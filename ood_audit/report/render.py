@@ -9,83 +9,12 @@ format those rows, so they never disagree on a number.
 from __future__ import annotations
 
 import json
-import math
-import re
-from dataclasses import dataclass, field
 
-import pandas as pd
+from ..scoring.schema import BACKGROUND_KEY, MEMBER_KEY_PREFIX, TRAIN_ROWS_KEY, pretty
+from .second_order import second_order_note, second_order_tables
+from .table import Interval, Table, md_table, num, pct, slug, with_ci
 
-from ..analysis.decomposition import pretty
-
-
-def jsonable(obj):
-    """A copy with NaN/inf as None and numpy scalars as Python ones (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()  # numpy scalar
-    if obj is None or obj is pd.NA:
-        return None
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "figure"
-
-
-def num(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if round(x, digits) == 0:
-            x = 0.0  # no "-0.000" for a difference that is zero up to rounding
-        return f"{x:,.{digits}f}" if abs(x) < 1e6 else f"{x:.3g}"
-    return str(x)
-
-
-def pct(x: float) -> str:
-    return f"{0.0 if round(x, 2) == 0 else x:.0%}"
-
-
-class Interval(str):
-    """An estimate with its interval, ``"0.487 [0.450, 0.524]"`` as text (Markdown, the
-    terminal), with its parts kept (``point``, ``low``, ``high``) so the HTML can set the
-    interval under the estimate and keep wide tables narrow."""
-
-    point: str
-    low: str
-    high: str
-
-    def __new__(cls, point: str, low: str, high: str) -> Interval:
-        text = super().__new__(cls, f"{point} [{low}, {high}]")
-        text.point, text.low, text.high = point, low, high
-        return text
-
-
-def with_ci(row: dict, metric: str) -> str:
-    """``row[metric]`` with its 95% interval when the row has one (an :class:`Interval`)."""
-    lo, hi = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
-    text = num(row.get(metric))
-    return Interval(text, num(lo), num(hi)) if lo is not None and hi is not None else text
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    classes: list[str] = field(default_factory=list)  # one CSS class per row ("" for none)
-
-    def add(self, cells: list, cls: str = "") -> None:
-        self.rows.append([c if isinstance(c, str) else num(c) for c in cells])
-        self.classes.append(cls)
+__all__ = ["Interval", "Table", "md_table", "num", "pct", "slug", "with_ci"]
 
 
 METRIC_HEADERS = ["AUROC", "AUPR-In", "AUPR-Out", "FPR@95TPR", "OOD above in-median"]
@@ -212,19 +141,31 @@ def run_meta_table(run: dict) -> Table:
                        ("ood-audit version", run.get("version")), ("run directory", run["path"])]:
         t.add([key, value if isinstance(value, str) else num(value)])
     extra = run.get("extra") or {}
-    if "background" in extra:
+    if BACKGROUND_KEY in extra:
         try:
-            bg = json.loads(extra["background"])
+            bg = json.loads(extra[BACKGROUND_KEY])
             t.add(["likelihood-ratio background", f"mu={bg.get('mu')}, L2 "
                    f"{bg.get('weight_decay')}, epoch {bg.get('epoch')}, {bg.get('path')}"])
         except ValueError:
             pass
-    members = sorted(k for k in extra if k.startswith("member") and k[6:].isdigit())
+    members = sorted(k for k in extra if k.startswith(MEMBER_KEY_PREFIX)
+                     and k[len(MEMBER_KEY_PREFIX):].isdigit())
     if members:
         t.add(["waic ensemble", f"{len(members) + 1} models (this run and {len(members)} "
                "--member run(s))"])
-    if "train_rows" in extra:
-        t.add(["train rows (typicality H_hat)", extra["train_rows"]])
+    if TRAIN_ROWS_KEY in extra:
+        t.add(["train rows (typicality H_hat)", extra[TRAIN_ROWS_KEY]])
+    return t
+
+
+def detector_legend(run: dict) -> Table:
+    """The detectors shown: each score's formula and the paper it comes from (their
+    score functions' docstrings), and what that paper reports, when recorded."""
+    t = Table(["detector", "score (higher = more in-distribution)", "paper", "published AUROC"])
+    for d in run["detectors"]:
+        published = "; ".join(f"{p['auroc']:.2f} ({p['in_dataset']} -> {p['ood']}, {p['citation']})"
+                              for p in d.get("published", []))
+        t.add([d["name"], d["summary"], d.get("paper", ""), published or "–"])
     return t
 
 
@@ -306,11 +247,9 @@ def ensemble_table(result: dict) -> Table:
 def _second_order_md(result: dict | None) -> list[str]:
     if not result:
         return []
-    from ..analysis.second_order import second_order_note, second_order_tables
-
     gaps_t, var_t = second_order_tables(result)
     return ["### Second-order prediction\n", second_order_note(result) + "\n",
-            _md_table(gaps_t), _md_table(var_t)]
+            md_table(gaps_t), md_table(var_t)]
 
 
 def records_table(records: list[dict]) -> Table:
@@ -323,15 +262,6 @@ def records_table(records: list[dict]) -> Table:
 
 # ---------------------------------------------------------------- Markdown
 
-def _md_table(t: Table) -> str:
-    def cell(c: str) -> str:
-        return c.replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(cell(h) or " " for h in t.headers) + " |",
-             "|" + "---|" * len(t.headers)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
-    return "\n".join(lines) + "\n"
-
-
 def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
     """The report as GitHub Markdown; ``fig_paths`` (key -> relative PNG path) or None
     for a text-only version (the CI job summary)."""
@@ -341,7 +271,7 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
     if summary["gates"]:
         ok = summary["gates_passed"]
         out.append("## CI gates\n\n" + ("**All gates hold.**\n" if ok else "**Gate(s) failed.**\n")
-                   + "\n" + _md_table(gate_table(summary["gates"])))
+                   + "\n" + md_table(gate_table(summary["gates"])))
 
     def img(key: str, alt: str) -> str:
         return f"![{alt}]({fig_paths[key]})\n" if fig_paths and key in fig_paths else ""
@@ -349,34 +279,35 @@ def render_markdown(summary: dict, fig_paths: dict[str, str] | None) -> str:
     out.append("## Detection metrics\n\n" + summary["convention"] + "\n")
     out.append(img(OVERVIEW_FIGURE, "AUROC with 95% interval per detector and OOD set"))
     for label, note, t in metric_tables_by_set(summary["metrics"], with_run=len(runs) > 1):
-        out.append(f"### OOD set: {label}\n\n{note}\n\n" + _md_table(t))
+        out.append(f"### OOD set: {label}\n\n{note}\n\n" + md_table(t))
 
     for run in runs:
         n = run["name"]
         means, diffs = decomposition_tables(run["decomposition"], run["reference"])
-        out += [f"## Run {n}\n", _md_table(run_meta_table(run)),
+        out += [f"## Run {n}\n", md_table(run_meta_table(run)),
                 img(f"{n}/hist", "bits/dim histograms"),
-                "### Likelihood per data set\n", _md_table(sets_table(run))]
+                "### Likelihood per data set\n", md_table(sets_table(run))]
         out.append(img(f"{n}/roc", "ROC curves, one panel per detector"))
+        out += ["### Detectors\n", md_table(detector_legend(run))]
         if run.get("ensemble"):
             out += ["### Ensemble vs members (AUROC)\n", ENSEMBLE_NOTE + "\n",
-                    _md_table(ensemble_table(run["ensemble"]))]
+                    md_table(ensemble_table(run["ensemble"]))]
         if run.get("typicality_batches"):
             tb = run["typicality_batches"]
             out += ["### Typicality test on batches\n", typicality_note(tb) + "\n",
-                    _md_table(typicality_table(tb))]
+                    md_table(typicality_table(tb))]
         if run.get("contrast_sweep"):
             out += ["### Contrast sweep: bits/dim vs variance\n", CONTRAST_NOTE + "\n",
                     img(f"{n}/contrast", "mean bits/dim vs contrast factor"),
-                    _md_table(contrast_table(run["contrast_sweep"]))]
+                    md_table(contrast_table(run["contrast_sweep"]))]
         out += ["### Decomposition\n", "".join(f"- {g['sentence']}\n" for g in run["gaps"]),
-                img(f"{n}/decomposition", "decomposition"), _md_table(means),
+                img(f"{n}/decomposition", "decomposition"), md_table(means),
                 f"\nDifference from {run['reference']} "
                 "(nats per image; share of the log p(x) gap):\n\n",
-                _md_table(diffs), img(f"{n}/training", "training curve"),
+                md_table(diffs), img(f"{n}/training", "training curve"),
                 img(f"{n}/pixel-maps", "per-pixel log-likelihood")]
         if run.get("over_training"):
-            out += ["### Over training\n", _md_table(over_training_table(run["over_training"]))]
+            out += ["### Over training\n", md_table(over_training_table(run["over_training"]))]
         out += _second_order_md(run.get("second_order"))
         if run.get("notes"):
             out.append("".join(f"- note: {x}\n" for x in run["notes"]))

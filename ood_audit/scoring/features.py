@@ -31,7 +31,6 @@ from ..errors import UserError
 @dataclass(frozen=True)
 class Feature:
     column: str
-    detector: str  # the complexity detector that reads this column
     summary: str
     compute: Callable[[np.ndarray], float]  # one uint8 [H, W] / [H, W, C] image -> bits
     available: Callable[[], bool] = lambda: True
@@ -65,10 +64,9 @@ def jp2_bits(image: np.ndarray) -> float:
 FEATURES: dict[str, Feature] = {
     f.column: f
     for f in [
-        Feature("png_bits", "complexity", "PNG length in bits (Pillow, zlib level 9)",
-                png_bits),
-        Feature("jp2_bits", "complexity-jp2", "lossless JPEG 2000 length in bits (Pillow, "
-                "OpenJPEG)", jp2_bits, lambda: bool(features.check("jpg_2000"))),
+        Feature("png_bits", "PNG length in bits (Pillow, zlib level 9)", png_bits),
+        Feature("jp2_bits", "lossless JPEG 2000 length in bits (Pillow, OpenJPEG)", jp2_bits,
+                lambda: bool(features.check("jpg_2000"))),
     ]
 }
 

@@ -3,8 +3,8 @@
 On a GPU the forward pass can outrun the CPU work of dequantizing the next batch; this
 moves that work to worker processes and the host-to-device copy off the critical path
 (pinned memory, ``non_blocking``). The images are *the same* as the scorer's in-process
-:func:`~ood_audit.scoring.scorer.dequantized_chunks`: the unit of work is one noise chunk
-(:func:`~ood_audit.scoring.scorer.dequantize_chunk`), so a score
+:func:`~ood_audit.scoring.noise.dequantized_chunks`: the unit of work is one noise chunk
+(:func:`~ood_audit.scoring.noise.dequantize_chunk`), so a score
 never depends on the number of workers, the batch size or the device.
 """
 
@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .scorer import dequantize_chunk, sigint_deferred
+from ..interrupts import sigint_deferred
+from .noise import dequantize_chunk
 
 
 def default_workers(device: torch.device) -> int:
@@ -43,7 +44,7 @@ def _ignore_sigint(_worker_id: int) -> None:
 
 class DequantizedChunks(Dataset):
     """Item ``i``: the noise chunk ``c`` of ``(c, first) = chunks[i]``, dequantized as the
-    scorer does (:func:`~ood_audit.scoring.scorer.dequantize_chunk`), float ``[n, C, H, W]``."""
+    scorer does (:func:`~ood_audit.scoring.noise.dequantize_chunk`), float ``[n, C, H, W]``."""
 
     def __init__(self, images: torch.Tensor, chunks: list[tuple[int, int]], seed: int, key: int):
         self.images, self.chunks, self.seed, self.key = images, chunks, seed, key

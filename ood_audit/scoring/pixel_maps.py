@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import dequantize
+from ..data.preprocess import dequantize
 from ..models.base import DensityModel
 from ..runs import atomic_path
-from ..training.trainer import seeded
+from ..seeds import seeded
 
 N_IMAGES = 4  # images per set drawn in the report
 

@@ -7,6 +7,9 @@ extras; a background model's and ensemble members' ``log_px``; data features suc
 ``png_bits``), then detector scores (``score_<detector>``). The names of the model's terms are stored in the schema
 metadata (``ood_audit.terms``) so readers never guess which columns add up.
 
+This module is the table's vocabulary (column names, metadata keys, :class:`ScoresMeta`)
+and imports nothing heavy; :mod:`.parquet` writes the Arrow schema and reads tables.
+
 ``score`` writes the table as a folder ``RUN/scores/`` of ``part-<rank>.parquet`` files,
 one per process (``part-0.parquet`` alone without torchrun); older runs hold a single
 ``scores.parquet`` file. :func:`read_scores` reads either as one table, with its rows in
@@ -20,26 +23,22 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..errors import UserError
 
 #: Bumped when a column's meaning changes; readers refuse other versions.
 SCHEMA_VERSION = "1"
 
-FIXED_COLUMNS: dict[str, pa.DataType] = {
-    "dataset": pa.string(),    # registry name or user path
-    "role": pa.string(),       # "in" (the training distribution) or "ood"
-    "split": pa.string(),      # "train" | "test"
-    "transform": pa.string(),  # "none" or e.g. "grayscale", "contrast=0.5"
-    "index": pa.int64(),       # position of the image in its data set
-    "label": pa.int64(),       # class label, -1 when unknown
-    "n_dims": pa.int64(),      # D = C*H*W counted by bits/dim
-    "log_px": pa.float64(),    # log p(x) in nats (continuous density on [0,1)^D)
-    "bpd": pa.float64(),       # bits per dimension, ood_audit.data.preprocess.bits_per_dim
+#: The columns every table starts with, and their Arrow types (by name).
+FIXED_COLUMNS: dict[str, str] = {
+    "dataset": "string",    # registry name or user path
+    "role": "string",       # "in" (the training distribution) or "ood"
+    "split": "string",      # "train" | "test"
+    "transform": "string",  # "none" or e.g. "grayscale", "contrast=0.5"
+    "index": "int64",       # position of the image in its data set
+    "label": "int64",       # class label, -1 when unknown
+    "n_dims": "int64",      # D = C*H*W counted by bits/dim
+    "log_px": "float64",    # log p(x) in nats (continuous density on [0,1)^D)
+    "bpd": "float64",       # bits per dimension, ood_audit.data.preprocess.bits_per_dim
 }
 
 #: Group totals: column -> prefix of the model terms it sums. A model writes a total only
@@ -63,7 +62,32 @@ ENSEMBLE_COLUMN = "log_px_ensemble"
 SETS_KEY = "sets"
 #: The columns that name a scored set; a table's rows group into sets by these.
 SET_COLUMNS = ["dataset", "role", "split", "transform"]
+#: Prefix of the detector score columns, ``score_<detector>``.
+SCORE_PREFIX = "score_"
 # Data features (no model) have one column per entry of ood_audit.scoring.features.FEATURES.
+
+# ScoresMeta.extra keys: what the metadata records beyond its fixed fields.
+#: The checkpoint's epoch, the device scored on, the number of processes that scored.
+EPOCH_KEY, DEVICE_KEY, PROCESSES_KEY = "epoch", "device", "processes"
+#: JSON list of the detectors ``score`` chose (read-time ``score_<name>`` columns).
+DETECTORS_KEY = "detectors"
+#: JSON list of the dimensions each level of a multi-scale flow factors out (sum D).
+LEVEL_DIMS_KEY = "level_dims"
+#: JSON {detector: {name: value}}: what detectors fitted on the in-distribution train
+#: rows when the table was read (typicality's entropy estimate), set at read time.
+FITTED_KEY = "fitted"
+#: The typicality detector's entropy estimate in nats, set at read time.
+ENTROPY_KEY = "typicality_entropy_nats"
+#: JSON {tag: what it does} of the transforms scored.
+TRANSFORMS_KEY = "transforms"
+#: Which train images the in-distribution train rows are (first ones, or held out).
+TRAIN_ROWS_KEY = "train_rows"
+#: JSON of the background model's path, sha256, epoch, model, mu and weight decay.
+BACKGROUND_KEY = "background"
+#: ``member{i}``: JSON of ensemble member i's path, sha256, epoch and model.
+MEMBER_KEY_PREFIX = "member"
+#: Number of models in the ensemble (member 0 is the run).
+ENSEMBLE_SIZE_KEY = "ensemble_size"
 
 
 @dataclass
@@ -132,13 +156,6 @@ class ScoresMeta:
             raise UserError(f"{path}: damaged ood_audit metadata ({exc}); rescore") from None
 
 
-def arrow_schema(terms: list[str], totals: list[str], scores: list[str], meta: ScoresMeta) -> pa.Schema:
-    """The Arrow schema of a scores table for a model with the given term columns."""
-    fields = [pa.field(name, dtype) for name, dtype in FIXED_COLUMNS.items()]
-    fields += [pa.field(name, pa.float64()) for name in [*terms, *totals, *scores]]
-    return pa.schema(fields, metadata=meta.to_arrow())
-
-
 def totals_for(terms: list[str]) -> dict[str, list[str]]:
     """Group totals a model's terms give: {"log_pz": [...], "logdet": [...]}, non-empty only."""
     out = {}
@@ -149,85 +166,14 @@ def totals_for(terms: list[str]) -> dict[str, list[str]]:
     return out
 
 
+#: How the report and the console spell a column.
+PRETTY = {"log_px": "log p(x)", "log_pz": "log p(z)", "logdet": "log|det|", "bpd": "bits/dim"}
+
+
+def pretty(column: str) -> str:
+    return PRETTY.get(column, column)
+
+
 def part_name(rank: int) -> str:
     """File name of process ``rank``'s share of the scores folder."""
     return f"part-{rank}.parquet"
-
-
-def scores_files(path: Path) -> list[Path]:
-    """The Parquet file(s) behind a scores table: the file, or a folder's part-*.parquet."""
-    path = Path(path)
-    if path.is_dir():
-        parts = sorted(path.glob("part-*.parquet"),
-                       key=lambda p: (len(p.name), p.name))  # part-2 before part-10
-        if not parts:
-            raise UserError(f"{path} holds no part-*.parquet files: run ood-audit score")
-        return parts
-    if not path.exists():
-        raise UserError(f"no scores at {path}: run ood-audit score first")
-    return [path]
-
-
-def read_scores(path: Path) -> tuple[pd.DataFrame, ScoresMeta]:
-    """Read a scores table (file or sharded folder) and check it is complete.
-
-    Raises UserError for a truncated or foreign file, another schema version, or
-    missing columns: one line naming the file and the problem.
-    """
-    frames = []
-    meta = None
-    for part in scores_files(path):
-        try:
-            table = pq.read_table(part)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"{part} is not a readable Parquet file ({_first_line(exc)}); rescore") from None
-        part_meta = ScoresMeta.from_arrow(table.schema.metadata, part)
-        meta = meta or part_meta
-        frames.append(table.to_pandas())
-    assert meta is not None
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df = canonical_order(df, meta)
-    missing = [c for c in [*FIXED_COLUMNS, *meta.terms] if c not in df.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rescore with ood-audit score")
-    if df.empty:
-        raise UserError(f"{path} holds no rows; rescore with ood-audit score")
-    return df, meta
-
-
-def set_order(meta: ScoresMeta | None) -> list[tuple[str, ...]]:
-    """The sets in scoring order, from the metadata's ``sets`` list ([] when a table
-    predates it, or the entry is damaged: readers then keep order of first appearance)."""
-    if meta is None:
-        return []
-    try:
-        return [tuple(s) for s in json.loads(meta.extra.get(SETS_KEY, "[]"))]
-    except (ValueError, TypeError):
-        return []
-
-
-def canonical_order(df: pd.DataFrame, meta: ScoresMeta) -> pd.DataFrame:
-    """Rows sorted by (set in scoring order, image index), index reset.
-
-    The set order is the metadata's ``sets`` list; tables written before it existed keep
-    their sets in order of first appearance. The sort is stable and a no-op on a table
-    already in that order (a single-process one).
-    """
-    if df.empty or "index" not in df.columns:
-        return df
-    order = set_order(meta)
-    # group ids in order of first appearance; only the few group keys become tuples
-    grouped = df.groupby(SET_COLUMNS, sort=False, observed=True)
-    ids = grouped.ngroup().to_numpy()
-    present = [tuple(str(v) for v in k) for k in grouped.size().index]
-    seen = list(dict.fromkeys([*order, *present]))  # unknown sets after known ones
-    rank = np.array([seen.index(k) for k in present], dtype=np.int64)[ids]
-    perm = np.lexsort((df["index"].to_numpy(), rank))
-    if (perm == np.arange(len(perm))).all():
-        return df.reset_index(drop=True)
-    return df.iloc[perm].reset_index(drop=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ borders) but not the semantics. The detector is then
 (see :mod:`ood_audit.analysis.detectors`). Here the background lives inside the run it
 belongs to, as a nested run directory ``RUN/background/`` with its own config.yaml
 (``train.perturb_mu`` records mu, ``train.weight_decay`` the L2 coefficient),
-checkpoints and metrics; ``ood-audit score --run RUN`` finds it there.
+checkpoints and metrics; ``ood-audit score RUN`` finds it there.
 """
 
 from __future__ import annotations
@@ -21,19 +21,17 @@ from pathlib import Path
 
 from ..config import from_dict
 from ..errors import UserError
-from ..runs import RUNS_ROOT, RunDir
+from ..runs import BACKGROUND_DIR, RUNS_ROOT, RunDir
 from .run import TrainOutcome, load_run_config, train_run
 from .trainer import TrainProgress
 
-BACKGROUND_DIR = "background"
 DEFAULT_MU = 0.1  # Ren et al. tune mu in [0.1, 0.2] on held-out data
 DEFAULT_WEIGHT_DECAY = 1e-4  # L2 coefficient (Adam's coupled weight decay = an L2 penalty)
 
 
 def background_dir(run: RunDir | Path) -> RunDir:
     """``RUN/background``: where a run's background model lives."""
-    root = run.root if isinstance(run, RunDir) else Path(run)
-    return RunDir(root / BACKGROUND_DIR)
+    return (run if isinstance(run, RunDir) else RunDir(Path(run))).background
 
 
 def train_background(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import DistContext
 from ..models.base import DensityModel
@@ -55,8 +56,6 @@ def wrap_ddp(model: DensityModel, dist: DistContext,
     copies. Only strides change, no value; oneDNN may pick another kernel for a layout,
     so trained weights agree with NCHW kernels' up to float rounding (7e-9 after 32 steps
     of the tiny Glow on CPU, the same bits/dim)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     kernels_to(model, model.activation_memory_format())
     if optimizer is not None:
         align_optimizer_state(optimizer)

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..checkpoint import checkpoint_arch, read_metadata
 from ..config import RunConfig, from_dict, load_yaml
-from ..data import DATASETS, load_dataset
+from ..data.registry import DATASETS, load_dataset
+from ..device import pick_device
 from ..distributed import DistContext, dist_env, init_distributed
 from ..errors import UserError
 from ..faults import keeping
 from ..models.registry import MODELS, build_model, get_spec, resolve_model_config
 from ..runs import RUNS_ROOT, RunDir, atomic_write_text, new_run_name, refuse_if_locked, run_lock, set_latest
-from .checkpoint import checkpoint_arch, read_metadata
-from .trainer import EpochResult, Trainer, TrainProgress, pick_device
+from .trainer import EpochResult, Trainer, TrainProgress
 
 
 @dataclasses.dataclass
@@ -34,13 +35,7 @@ class TrainOutcome:
 
 def load_run_config(path: Path) -> RunConfig:
     """A run config from YAML; bad keys or values, model_config's too, name the file."""
-    config = from_dict(RunConfig, load_yaml(path), where=str(path))
-    if config.model in MODELS:
-        spec = get_spec(config.model)
-        if config.preset in spec.presets:  # else train_run names the preset
-            from_dict(spec.config_cls, {**spec.presets[config.preset], **config.model_config},
-                      where=f"{path}: model_config")
-    return config
+    return from_dict(RunConfig, load_yaml(path), where=str(path))
 
 
 def train_run(
@@ -207,7 +202,7 @@ def apply_fast_paths(model, model_name: str, names: list[str]) -> None:
 def train_kept(rd: RunDir) -> str:
     """What a run that stopped on a fault keeps, and how to go on: its checkpoint and
     train_state.pt are written atomically, so they are the last complete epoch's."""
-    epoch = _checkpoint_epoch(rd.model)
+    epoch = checkpoint_epoch(rd.model)
     go_on = f"continue with ood-audit train --resume --out {rd.root}"
     if rd.train_state.exists():
         if epoch:
@@ -239,7 +234,7 @@ def _check_resumable(rd: RunDir) -> None:
     if not rd.config.exists():
         raise UserError(f"nothing to resume in {rd.root}: it has no config.yaml "
                         "(start a new run without --resume)")
-    if not rd.train_state.exists() and _checkpoint_epoch(rd.model) > 1:
+    if not rd.train_state.exists() and checkpoint_epoch(rd.model) > 1:
         raise UserError(f"{rd.root} has model.safetensors but no train_state.pt, so it cannot "
                         "continue exactly: score it as it is, or start a new run")
 
@@ -260,7 +255,7 @@ def _check_same_arch(rd: RunDir, config: RunConfig) -> None:
                         "(ood-audit score) but cannot be resumed; start a new run")
 
 
-def _checkpoint_epoch(path: Path) -> int:
+def checkpoint_epoch(path: Path) -> int:
     """The epoch in a checkpoint's header; 0 when there is none or it is unreadable.
 
     A train killed between writing epoch 1's weights and its train_state.pt leaves

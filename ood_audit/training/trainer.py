@@ -27,13 +27,15 @@ import pandas as pd
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..checkpoint import link_or_copy, save_checkpoint
 from ..config import RunConfig, keep_every
-from ..data import ImageSet, bits_per_dim, dequantize
+from ..data.images import ImageSet
+from ..data.preprocess import bits_per_dim, dequantize
 from ..distributed import DistContext
 from ..errors import Interrupted, UserError
 from ..models.base import DensityModel
 from ..runs import RunDir, atomic_path
-from .checkpoint import link_or_copy, save_checkpoint
+from ..seeds import seeded
 from .ddp import rank_slice, step_stats, wrap_ddp
 from .layout import align_optimizer_state
 
@@ -79,32 +81,6 @@ class TrainState:
     nan_skips: int = 0
     bad_run: int = 0  # consecutive non-finite steps so far (across epoch ends)
     history: list[dict] = field(default_factory=list)
-
-
-def seeded(*parts: int) -> torch.Generator:
-    """A CPU generator seeded from integers, independent of the global RNG."""
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; anything else
-    (``meta``, ``mps``, ``cuda:x``...) is a UserError before any work."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU; "
-                            "use --device cpu")
-        if index and int(index) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA "
-                            f"GPU(s), numbered from 0")
-    return torch.device(name)
 
 
 class TrainProgress:

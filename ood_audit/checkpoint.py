@@ -8,22 +8,25 @@ flag is a buffer, so it travels with the weights and a reload never re-initialis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..errors import UserError
-from ..models.base import DensityModel
-from ..models.registry import MODELS, build_model, get_spec
-from ..runs import atomic_path
+from . import __version__
+from .errors import UserError
+from .models.base import DensityModel
+from .models.registry import MODELS, build_model, get_spec
+from .parsing import from_dict
+from .runs import atomic_path
 
 FORMAT = "ood-audit-checkpoint-1"
 PREPROCESSING = "uniform dequantization x=(k+u)/256, 256 bins (Nalisnick et al. 2019, Glow)"
@@ -47,8 +50,6 @@ def save_checkpoint(
     run_config: dict, dataset: str, epoch: int,
 ) -> None:
     """Write ``model``'s weights and metadata atomically (temporary name, then rename)."""
-    import dataclasses
-
     metadata = {
         "format": FORMAT,
         "model": model_name,
@@ -81,8 +82,6 @@ def file_sha256(path: Path) -> str:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The header metadata of a checkpoint, or a UserError saying why it is unusable."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: train first (ood-audit train)")
@@ -111,8 +110,6 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Den
     if name not in MODELS:
         raise UserError(f"{path} holds model {name!r}, which this ood-audit does not know "
                         f"(known: {', '.join(MODELS)}); upgrade ood-audit")
-    from ..config import from_dict
-
     spec = get_spec(name)
     try:
         model_config = from_dict(spec.config_cls, json.loads(meta["model_config"]),
@@ -181,8 +178,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except BaseException:  # a full disk while copying: no half copy left behind

@@ -1,0 +1,13 @@
+"""The model families by name, with what each is: the choices of ``--model`` and the
+text ``--help`` lists, torch-free. :data:`~ood_audit.models.registry.MODELS` takes its
+summaries from here and adds how to build each family.
+"""
+
+MODEL_FAMILIES: dict[str, str] = {
+    "glow": "Glow with affine coupling (Kingma & Dhariwal 2018)",
+    "glow-cv": "constant-volume Glow: additive coupling, log|det| independent of x",
+    "vae": "conv VAE, discretized logistic decoder, scored by the IWAE bound "
+           "(Kingma & Welling 2014; Burda et al. 2016)",
+    "pixelcnn": "PixelCNN++: gated two-stream autoregressive model, discretized logistic "
+                "mixture (Salimans et al. 2017)",
+}
