@@ -263,8 +263,7 @@ def _pclucas14(clone_dir: Path, shape: tuple[int, int, int], filters: int, n_res
     the same network. It caches ``init_padding`` (the ones channel) at the first batch
     size: reset before every forward, so any batch size works.
     """
-    m = load_model_module("pclucas14", clone_dir)
-    utils = sys.modules["utils"]
+    m = load_model_module("pclucas14", clone_dir)  # its namespace holds utils' (import *)
     channels, height, width = shape
     if channels not in (1, 3) or height % 4 or width % 4:
         raise PortError(f"the pclucas14 port models 1 or 3 channels at 3 resolutions (H, W divisible "
@@ -273,7 +272,7 @@ def _pclucas14(clone_dir: Path, shape: tuple[int, int, int], filters: int, n_res
         torch.manual_seed(seed)
         model = m.PixelCNN(nr_resnet=n_resnet, nr_filters=filters, nr_logistic_mix=n_mix,
                            input_channels=channels).to(device)
-        loss_fn = utils.discretized_mix_logistic_loss_1d if channels == 1 else utils.discretized_mix_logistic_loss
+        loss_fn = m.discretized_mix_logistic_loss_1d if channels == 1 else m.discretized_mix_logistic_loss
     except Exception as exc:
         raise PortError(f"cannot build the pclucas14 port from {clone_dir}: {type(exc).__name__}: {exc}; "
                         f"is it a clone of {CLONE_URLS['pclucas14']}?") from None
@@ -296,7 +295,7 @@ def _pclucas14(clone_dir: Path, shape: tuple[int, int, int], filters: int, n_res
             nll = torch.stack([loss_fn(v[i:i + 1], out[i:i + 1]) for i in range(len(v))])
         return -nll + dims * math.log(256)
 
-    def prepare(x):  # dequantized x in [0, 1) -> pixel k -> its input scale k/255 on [-1, 1]
+    def prepare(x):  # dequantized x in [0, 1) -> pixel k -> its input scale 2k/255 - 1
         k = torch.floor(x * 256).clamp_(0, 255)
         return (k * (2.0 / 255.0) - 1.0).to(device)
 
@@ -311,7 +310,8 @@ def pixelcnn_state_from_pclucas14(state: dict[str, torch.Tensor]) -> dict[str, t
     def weight(prefix):
         if f"{prefix}.weight" in state:
             return state[f"{prefix}.weight"]
-        return torch._weight_norm(state[f"{prefix}.weight_v"], state[f"{prefix}.weight_g"], 0)
+        v, g = state[f"{prefix}.weight_v"], state[f"{prefix}.weight_g"]
+        return v * (g / v.flatten(1).norm(dim=1).reshape(g.shape))  # torch's weight_norm, dim 0
 
     out: dict[str, torch.Tensor] = {}
 
