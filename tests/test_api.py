@@ -202,6 +202,8 @@ def test_arrays_take_every_layout_and_bad_input_is_one_line():
         audit(Gaussian(), gray, ood=[("mnist", gray)], **options)
     with pytest.raises(UserError, match="unknown option 'batchsize'"):
         audit(Gaussian(), gray, ood=[gray], batchsize=8, **options)
+    with pytest.raises(UserError, match="at least one OOD set"):
+        audit(Gaussian(), gray, ood=[], **options)
     with pytest.raises(UserError, match="in_data"):
         audit(Gaussian(), None, ood=[gray], **options)
     with pytest.raises(UserError, match="takes a run directory, a DensityModel"):

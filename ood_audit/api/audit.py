@@ -47,6 +47,9 @@ def audit(model_or_run, in_data=None, ood=(), detectors=None, limit=None, *,
         raise UserError(f"audit() got unknown option {unknown[0]!r}; score options are "
                         f"{', '.join(sorted(_SCORE_OPTIONS))}")
     plan = plan_data(in_data, ood)
+    if not plan.ood_names:
+        raise UserError("audit(): name at least one OOD set, e.g. ood=['mnist'] (a name, a "
+                        "path or an array)")
     cfg = ScoreConfig(ood=plan.ood_names, detectors=detectors, limit=limit, **options)
     root = None if data_root is None else Path(data_root)
     if isinstance(model_or_run, (str, os.PathLike, RunDir)):

@@ -76,12 +76,11 @@ class WrappedModule(DensityModel):
         return self.source if self.source not in ("log_prob_terms", "log_prob") else "python"
 
     def log_prob_terms(self, x: Tensor) -> dict[str, Tensor]:
-        n_dims = math.prod(self.input_shape)
-        batch = x.shape[0]
+        n_dims, batch = math.prod(self.input_shape), x.shape[0]
+        a, b = INPUT_RANGES[self.input_range]
         if self.discrete:
             y = pixels_from_unit(x).to(torch.uint8)
         else:
-            a, b = INPUT_RANGES[self.input_range]
             y = x if (a, b) == (1.0, 0.0) else x * a + b
         terms = dict(self._module_terms(y))
         for name, value in terms.items():
@@ -91,8 +90,8 @@ class WrappedModule(DensityModel):
                                 f"for a batch of {batch}; log_prob must give one value per image")
         if self.discrete:
             terms[DISCRETE_TERM] = x.new_full((batch,), n_dims * LOG_N_BINS)
-        elif INPUT_RANGES[self.input_range][0] != 1.0:
-            terms[INPUT_TERM] = x.new_full((batch,), n_dims * math.log(INPUT_RANGES[self.input_range][0]))
+        elif a != 1.0:  # the change of variables x -> a x + b
+            terms[INPUT_TERM] = x.new_full((batch,), n_dims * math.log(abs(a)))
         return terms
 
     def _module_terms(self, y: Tensor) -> dict[str, Tensor]:
