@@ -1,0 +1,169 @@
+"""Density of states (Morningstar et al. 2021): how typical an input's statistics are.
+
+DoSE does not compare model probabilities directly; it asks how often in-distribution
+inputs the model never saw have statistics like this input's: log p(x), and the terms the
+model's likelihood is made of (log p(z) per level and log|det| per level and layer kind
+for a flow; reconstruction, KL and importance-weighting gain for a VAE; per-channel terms
+for PixelCNN++). A density estimator fitted on those statistics of held-out
+in-distribution inputs scores a new input: low density = atypical = OOD.
+
+Two estimators, both with rules fixed in advance (nothing is tuned, and nothing sees OOD
+data):
+
+- :func:`kde_log_density`: one Gaussian KDE per statistic, the statistics treated as
+  independent (their log-densities add up), each standardised by its held-out mean and
+  standard deviation, with Scott's bandwidth h = n^(-1/5) in standard deviations (as
+  ``scipy.stats.gaussian_kde``'s default): no tuning on any data;
+- :func:`svm_score`: a one-class SVM (RBF kernel, gamma = 1/d on the standardised
+  statistics, nu = 0.1) over the joint vector of statistics.
+
+Both score in chunks of rows, so the memory they add is the fitted train rows and one
+chunk's kernel matrix, whatever the size of the table scored. NumPy only at import
+(scipy and scikit-learn load when a fit or a score needs them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Kernel entries computed at once (rows x train rows): 2M float64, 16 MB.
+CHUNK_ENTRIES = 2**21
+#: One-class SVM's nu (an upper bound on the share of train rows outside its boundary).
+SVM_NU = 0.1
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The statistics a density of states is fitted on: their names, the held-out mean
+    and standard deviation of each, and the standardised train rows ``[n, d]``."""
+
+    names: tuple[str, ...]
+    mean: np.ndarray  # [d]
+    std: np.ndarray  # [d]
+    train: np.ndarray  # [n, d], standardised
+
+    @property
+    def n(self) -> int:
+        return int(self.train.shape[0])
+
+    def standardise(self, rows: Mapping[str, np.ndarray], start: int = 0,
+                    stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``rows`` as the ``[m, d]`` standardised statistics."""
+        cols = [np.asarray(rows[c], float)[start:stop] for c in self.names]
+        return (np.stack(cols, axis=1) - self.mean) / self.std
+
+
+def candidate_statistics(terms: Sequence[str], totals: Sequence[str],
+                         extra: Sequence[str] = ()) -> list[str]:
+    """log p(x), the model's terms, their group totals, then ``extra``: the statistics a
+    density of states considers, in that order, each once."""
+    return list(dict.fromkeys(["log_px", *terms, *totals, *extra]))
+
+
+def fit_statistics(train: Mapping[str, np.ndarray], names: Sequence[str]) -> Statistics:
+    """Standardise the statistics ``names`` of the in-distribution train rows ``train``.
+
+    Rows with a non-finite statistic are left out of the fit. A statistic is dropped when
+    it does not vary over the rows (a flow's ActNorm and 1x1-convolution log|det|, which
+    do not depend on x; additive coupling's 0) or repeats an earlier one exactly (a one-
+    channel PixelCNN++'s only term is log p(x)): it carries nothing a density could use.
+    ValueError when fewer than two usable rows or no varying statistic remain.
+    """
+    present = [c for c in names if c in train]
+    if not present:
+        raise ValueError(f"none of the statistics {list(names)} is in the table")
+    matrix = np.stack([np.asarray(train[c], float) for c in present], axis=1)
+    matrix = matrix[np.isfinite(matrix).all(axis=1)]
+    if matrix.shape[0] < 2:
+        raise ValueError("fewer than two in-distribution train rows with finite statistics")
+    keep: list[int] = []
+    for j in range(matrix.shape[1]):
+        col = matrix[:, j]
+        spread = col.std(ddof=1)
+        if not spread > 1e-6 * (abs(col.mean()) + 1.0):  # constant up to float32 rounding
+            continue
+        if any(np.array_equal(col, matrix[:, k]) for k in keep):
+            continue
+        keep.append(j)
+    if not keep:
+        raise ValueError("no statistic varies over the in-distribution train rows")
+    kept = matrix[:, keep]
+    mean, std = kept.mean(axis=0), kept.std(axis=0, ddof=1)
+    return Statistics(tuple(present[j] for j in keep), mean, std, (kept - mean) / std)
+
+
+def scott_bandwidth(n: int) -> float:
+    """Scott's rule for one dimension, in standard deviations: h = n^(-1/5)."""
+    return float(n) ** -0.2
+
+
+def _chunk_rows(n_train: int) -> int:
+    """Rows scored at once, so a chunk's kernel matrix holds CHUNK_ENTRIES entries."""
+    return max(1, CHUNK_ENTRIES // max(1, n_train))
+
+
+def kde_log_density(stats: Statistics, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """sum_j log f_j(t_j(x)) per row of ``rows`` ([N]), f_j the Gaussian KDE of statistic
+    j over the fitted train rows, in the statistic's own units:
+
+        f_j(t) = 1/(n h s_j) sum_i phi((t - t_ij) / (h s_j)),  h = n^(-1/5),
+
+    s_j its held-out standard deviation (this is ``scipy.stats.gaussian_kde(t_j).pdf``).
+    Far from every train row the log-density keeps falling (log-sum-exp), so atypical
+    inputs stay ordered instead of tying at -inf. A NaN statistic gives NaN; +-inf, -inf.
+    """
+    from scipy.special import logsumexp
+
+    h = scott_bandwidth(stats.n)
+    n_rows = len(np.asarray(rows[stats.names[0]]))
+    total = np.zeros(n_rows)
+    norm = math.log(stats.n) + math.log(h) + 0.5 * math.log(2 * math.pi)
+    step = _chunk_rows(stats.n)
+    for j, name in enumerate(stats.names):
+        t = (np.asarray(rows[name], float) - stats.mean[j]) / stats.std[j]  # [N]
+        ref = stats.train[:, j]  # [n]
+        out = np.empty(n_rows)
+        for start in range(0, n_rows, step):
+            d = (t[start:start + step, None] - ref[None, :]) / h  # [chunk, n]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[start:start + step] = logsumexp(-0.5 * d * d, axis=1)
+        out[np.isinf(t)] = -np.inf  # infinitely far from every train row
+        total += out - norm - math.log(stats.std[j])
+    return total
+
+
+@dataclass(frozen=True)
+class OneClassSVM:
+    """A one-class SVM fitted on standardised statistics."""
+
+    stats: Statistics
+    model: object  # sklearn.svm.OneClassSVM
+
+
+def fit_svm(stats: Statistics) -> OneClassSVM:
+    """RBF one-class SVM on the standardised train rows: gamma = 1/d (scikit-learn's
+    "scale" for unit-variance features), nu = :data:`SVM_NU`. Deterministic (libsvm)."""
+    from sklearn.svm import OneClassSVM as SVM
+
+    d = stats.train.shape[1]
+    return OneClassSVM(stats, SVM(kernel="rbf", gamma=1.0 / d, nu=SVM_NU).fit(stats.train))
+
+
+def svm_score(svm: OneClassSVM, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The SVM's signed distance to its boundary per row ([N]), higher = inside; -inf
+    for a row with an infinite statistic, NaN for one with a NaN statistic."""
+    n_rows = len(np.asarray(rows[svm.stats.names[0]]))
+    step = _chunk_rows(len(svm.model.support_))
+    out = np.empty(n_rows)
+    for start in range(0, n_rows, step):
+        x = svm.stats.standardise(rows, start, start + step)  # [chunk, d]
+        ok = np.isfinite(x).all(axis=1)
+        chunk = np.where(np.isnan(x).any(axis=1), np.nan, -np.inf)
+        if ok.any():
+            chunk[ok] = svm.model.decision_function(x[ok])
+        out[start:start + len(x)] = chunk
+    return out
