@@ -14,6 +14,10 @@ data):
   independent (their log-densities add up), each standardised by its held-out mean and
   standard deviation, with Scott's bandwidth h = n^(-1/5) in standard deviations (as
   ``scipy.stats.gaussian_kde``'s default): no tuning on any data;
+- :func:`kde_log_two_sided_p` and :func:`min_p`: each statistic's two-sided tail
+  probability under the same KDE, combined by their minimum (Tippett's method): an input
+  is as atypical as its most atypical statistic, so one statistic that carries an OOD set
+  is not averaged away by the others;
 - :func:`svm_score`: a one-class SVM (RBF kernel, gamma = 1/d on the standardised
   statistics, nu = 0.1) over the joint vector of statistics.
 
@@ -134,6 +138,35 @@ def kde_log_density(stats: Statistics, rows: Mapping[str, np.ndarray]) -> np.nda
         out[np.isinf(t)] = -np.inf  # infinitely far from every train row
         total += out - norm - math.log(stats.std[j])
     return total
+
+
+def kde_log_two_sided_p(stats: Statistics, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """log p_j(x) per row and statistic ([N, d]): the two-sided tail probability
+    p_j = 2 min(F_j(t_j), 1 - F_j(t_j)) of statistic j under its KDE (the same KDE as
+    :func:`kde_log_density`; F_j, a mean of Gaussian CDFs). Computed in log space, so
+    beyond the last train row p_j keeps falling instead of reaching 0; NaN stays NaN."""
+    from scipy.special import log_ndtr, logsumexp
+
+    h = scott_bandwidth(stats.n)
+    n_rows = len(np.asarray(rows[stats.names[0]]))
+    out = np.empty((n_rows, len(stats.names)))
+    step = _chunk_rows(stats.n)
+    for j, name in enumerate(stats.names):
+        t = (np.asarray(rows[name], float) - stats.mean[j]) / stats.std[j]  # [N]
+        ref = stats.train[:, j]  # [n]
+        for start in range(0, n_rows, step):
+            d = (t[start:start + step, None] - ref[None, :]) / h  # [chunk, n]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                below = logsumexp(log_ndtr(d), axis=1)  # log n F_j
+                above = logsumexp(log_ndtr(-d), axis=1)  # log n (1 - F_j)
+            out[start:start + step, j] = math.log(2) + np.minimum(below, above) - math.log(stats.n)
+    return np.minimum(out, 0.0)  # p <= 1 (the median's two-sided p is 1)
+
+
+def min_p(log_p: np.ndarray) -> np.ndarray:
+    """Tippett's combination: min_j log p_j per row ([N, d] -> [N]), NaN when any is NaN.
+    An input is as atypical as its most atypical statistic."""
+    return np.min(log_p, axis=1)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from . import (
     complexity_jp2,
     dose,
     dose_complexity,
+    dose_minp,
     dose_svm,
     ensemble,
     level_ratio,
@@ -43,7 +44,8 @@ DETECTORS: dict[str, Detector] = {
               level_ratio, ensemble)
 }
 # Density of states (Morningstar et al. 2021), fitted on held-out in-distribution rows.
-DETECTORS.update({m.DETECTOR.name: m.DETECTOR for m in (dose, dose_svm, dose_complexity)})
+DETECTORS.update({m.DETECTOR.name: m.DETECTOR for m in (dose, dose_svm, dose_complexity,
+                                                           dose_minp)})
 
 #: The detector every table has (log p(x)); it needs no score column.
 DEFAULT_DETECTOR = "likelihood"
