@@ -62,7 +62,7 @@ def gaussian_table(n: int = 400, seed: int = 0) -> tuple[pd.DataFrame, ScoresMet
 
 # ------------------------------------------------------------- known answers
 
-def test_dose_is_the_sum_of_scotts_gaussian_kdes_per_statistic():
+def test_dose_is_the_sum_of_scotts_gaussian_kdes_per_statistic(monkeypatch):
     df, meta = gaussian_table()
     s = compute_detector("dose", df, meta).to_numpy()
     train = df[df.split == "train"]
@@ -71,7 +71,39 @@ def test_dose_is_the_sum_of_scotts_gaussian_kdes_per_statistic():
     assert fitted.names == ("log_px", "a", "b")
     expect = sum(sps.gaussian_kde(train[c].to_numpy()).logpdf(df[c].to_numpy())
                  for c in fitted.names)
-    np.testing.assert_allclose(s, expect, rtol=1e-9, atol=1e-9)
+    # interpolated on the grid: within GRID_TOL nats per statistic
+    assert np.abs(s - expect).max() <= len(fitted.names) * dos.GRID_TOL
+    monkeypatch.setattr(dos, "GRID_STEP", 1e-4)  # a grid larger than the rows: exact
+    exact = compute_detector("dose", df, meta).to_numpy()
+    np.testing.assert_allclose(exact, expect, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["heavy tails", "outliers", "two modes"])
+def test_the_grid_holds_its_tolerance_where_the_log_density_curves_sharply(kind, monkeypatch):
+    """Between distant train rows a KDE's log-density curves far more than one kernel's
+    -d^2 / 2 (a fixed grid of 1/16 bandwidth missed scipy by 0.1 nats here): the grid is
+    refined there, and stays within GRID_TOL of scipy's gaussian_kde everywhere."""
+    rng = np.random.default_rng(5)
+    train = {"heavy tails": rng.standard_t(1.5, 400),
+             "outliers": np.r_[rng.normal(0, 1, 398), 15.0, 40.0],
+             "two modes": np.r_[rng.normal(0, 1, 200), rng.normal(8, 1, 200)]}[kind]
+    fitted = dos.fit_statistics({"x": train}, ["x"])
+    query = np.linspace(train.min() - 3, train.max() + 3, 20000)
+    exact_rows = []
+    real_exact = dos._exact
+    monkeypatch.setattr(dos, "_exact", lambda t, *a: (exact_rows.append(len(t)),
+                                                        real_exact(t, *a))[1])
+    got = dos.kde_log_density(fitted, {"x": query})
+    assert sum(exact_rows) < len(query) / 2  # the grid, not every row
+    expect = sps.gaussian_kde(train).logpdf(query)
+    assert np.abs(got - expect).max() <= dos.GRID_TOL
+    h = dos.scott_bandwidth(len(train))
+    d = ((query - train.mean()) / train.std(ddof=1))[:, None] - fitted.train[None, :, 0]
+    log_tails = [np.logaddexp.reduce(sps.norm.logcdf(sign * d / h), axis=1) - np.log(len(train))
+                 for sign in (1, -1)]
+    expect_p = np.minimum(0.0, np.log(2) + np.minimum(*log_tails))
+    got_p = dos.kde_log_two_sided_p(fitted, {"x": query})[:, 0]
+    assert np.abs(got_p - expect_p).max() <= dos.GRID_TOL
 
 
 def test_dose_kde_approaches_the_true_density_with_many_rows():
@@ -144,6 +176,13 @@ def test_two_sided_p_of_the_kde_has_the_closed_form():
     np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-12)
     deep = dos.kde_log_two_sided_p(fitted, {"x": np.array([60.0, 80.0])})[:, 0]
     assert np.isfinite(deep).all() and deep[0] > deep[1]  # no tie at log 0
+    # many rows: interpolated on the grid, within GRID_TOL
+    many = np.linspace(-5.0, 5.0, 4001)
+    z = (many - train.mean()) / train.std(ddof=1)
+    cdf = sps.norm.cdf((z[:, None] - z_train[None, :]) / h).mean(axis=1)
+    expect = np.log(np.minimum(1.0, 2 * np.minimum(cdf, 1 - cdf)))
+    got = dos.kde_log_two_sided_p(fitted, {"x": many})[:, 0]
+    assert np.abs(got - expect).max() <= dos.GRID_TOL
 
 
 def test_min_p_catches_a_set_that_one_statistic_of_many_carries():
