@@ -159,6 +159,21 @@ def test_one_class_svm_is_deterministic_and_inside_is_higher():
     assert inside.iloc[-1] > 0 > a[df.dataset.eq("far")].max()
 
 
+def test_one_class_svm_keeps_its_nu_bounds_and_ignores_units():
+    """Schoelkopf et al. 2001 (Prop. 4): nu bounds the share of train rows outside the
+    boundary from above and the share of support vectors from below. The statistics are
+    standardised first, so a change of units leaves the scores as they were."""
+    df, meta = gaussian_table(n=1000)
+    train = df.split.eq("train")
+    s = compute_detector("dose-svm", df, meta).to_numpy()
+    assert (s[train] < -1e-6).mean() <= dos.SVM_NU
+    svm = DETECTORS["dose-svm"].prepare(df[train], meta)
+    assert len(svm.model.support_) >= dos.SVM_NU * train.sum() - 1
+    rescaled = df.assign(a=1000.0 * df["a"] - 3.0)
+    np.testing.assert_allclose(compute_detector("dose-svm", rescaled, meta).to_numpy(), s,
+                               rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------- the min-p rule
 
 def test_two_sided_p_of_the_kde_has_the_closed_form():
@@ -206,6 +221,33 @@ def test_min_p_catches_a_set_that_one_statistic_of_many_carries():
     by_sum = auroc(lambda rows: dos.kde_log_density(fitted, rows))
     by_min = auroc(lambda rows: dos.min_p(dos.kde_log_two_sided_p(fitted, rows)))
     assert by_min > 0.97 and by_min > by_sum + 0.02
+
+
+def test_dose_complexity_and_minp_match_scipys_kde_per_statistic():
+    """Known answers from scipy's gaussian_kde, statistic by statistic: dose-complexity is
+    the sum of the log-densities of log_px, the varying terms and input complexity
+    (png_bits - bpd * n_dims, computed here); dose-minp the smallest log two-sided tail
+    probability log 2 min(F, 1 - F), F the KDE's CDF (integrate_box_1d)."""
+    df, meta = gaussian_table()
+    df["png_bits"] = np.random.default_rng(7).normal(500.0, 20.0, len(df))  # independent
+    df["ic"] = df["png_bits"] - df["bpd"] * df["n_dims"]
+    train = df[df.split.eq("train")]
+    kdes = {c: sps.gaussian_kde(train[c].to_numpy()) for c in ("log_px", "a", "b", "ic")}
+    expect = sum(k.logpdf(df[c].to_numpy()) for c, k in kdes.items())
+    got = compute_detector("dose-complexity", df, meta).to_numpy()
+    assert np.abs(got - expect).max() <= len(kdes) * dos.GRID_TOL
+
+    log_p = []
+    for c, k in kdes.items():
+        cdf = np.clip([k.integrate_box_1d(-np.inf, t) for t in df[c].to_numpy()], 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            log_p.append(np.minimum(0.0, np.log(2 * np.minimum(cdf, 1 - cdf))))
+    expect = np.min(log_p, axis=0)
+    got = compute_detector("dose-minp", df, meta).to_numpy()
+    shallow = expect > math.log(1e-10)  # where scipy's 1 - F still has its digits
+    assert shallow.sum() > len(df) / 2
+    assert np.abs(got[shallow] - expect[shallow]).max() <= dos.GRID_TOL
+    assert (got[~shallow] < math.log(1e-9)).all()
 
 
 def test_dose_complexity_and_minp_add_input_complexity():
