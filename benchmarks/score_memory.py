@@ -32,38 +32,72 @@ def _rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(run: str, data: str, n: int, detectors: list[str], workers: int = 0) -> None:
+class _Sampler:
+    """The highest RSS seen since ``reset``, sampled every 5 ms by a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.base = self.high = _rss_mb()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.005):
+            self.high = max(self.high, _rss_mb())
+
+    def reset(self) -> None:
+        self.base = self.high = _rss_mb()
+
+    def growth(self) -> float:
+        return max(self.high, _rss_mb()) - self.base
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def child(run: str, data: str, n: int, detectors: list[str], workers: int = 0,
+          held_out: bool = False) -> None:
     """Score in this process and print peak RSS, its growth during scoring and seconds.
 
     ``peak_rss_mb`` (ru_maxrss) is dominated by importing torch (~500 MB for the CPU
     build), so a thread also samples the current RSS every 5 ms: ``growth_mb`` is its
     maximum minus the RSS just before scoring (imports done), what scoring itself adds.
+    ``held_out``: also score the run's 128 held-out train images (so the detectors fitted
+    on them, dose..., apply), then read the table back as a reader does and report
+    ``detectors_growth_mb``: what computing every detector adds above the loaded table.
     """
-    import threading
-
     from ood_audit.commands.score import score_run
     from ood_audit.runs import RunDir
 
-    before = _rss_mb()
-    high = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            high[0] = max(high[0], _rss_mb())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    sampler = _Sampler()
+    before = sampler.base
     t0 = time.perf_counter()
-    score_run(RunDir(run), [data], limit=n, train_limit=0, batch_size=512, device="cpu",
-              notify=lambda m: None, detectors=detectors or None,
-              **({"workers": workers} if workers else {}))  # older checkouts lack it
+    score_run(RunDir(run), [data], limit=n, train_limit=128 if held_out else 0,
+              batch_size=512, device="cpu", notify=lambda m: None, detectors=detectors or None,
+              **({"workers": workers} if workers else {}),  # older checkouts lack it
+              **({"held_out": True} if held_out else {}))
     seconds = time.perf_counter() - t0
-    done.set()
-    thread.join()
+    out = {"rss_before_mb": before, "growth_mb": sampler.growth(), "seconds": seconds}
+    if held_out:
+        from ood_audit.analysis.detectors.table import with_detector_scores
+        from ood_audit.analysis.tables import scores_location
+        from ood_audit.scoring.parquet import read_scores
+
+        df, meta = read_scores(scores_location(RunDir(run)))  # the table, no detector yet
+        table_mb = float(df.memory_usage(deep=True).sum()) / 2**20
+        sampler.reset()
+        t0 = time.perf_counter()
+        df, meta = with_detector_scores(df, meta)  # what every reader does next
+        out.update(detectors_seconds=time.perf_counter() - t0, table_mb=table_mb,
+                   detectors_growth_mb=sampler.growth(),
+                   detector_columns_mb=float(df.filter(like="score_").memory_usage().sum())
+                   / 2**20)
+    sampler.stop()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_rss_mb": peak_kb / 1024, "rss_before_mb": before,
-                      "growth_mb": max(high[0], _rss_mb()) - before, "seconds": seconds}))
+    print(json.dumps({"peak_rss_mb": peak_kb / 1024, **out}))
 
 
 def train_tiny(root: Path) -> Path:
@@ -92,11 +126,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write")
     ap.add_argument("--workers", type=int, default=0,
                     help="score --workers (worker processes' RSS is not counted; default 0)")
+    ap.add_argument("--held-out", action="store_true",
+                    help="also score 128 held-out train images and measure what computing "
+                         "the detectors at read time adds (the density of states fits on them)")
     ap.add_argument("--pythonpath", default=None, help="run the children against this checkout")
     ap.add_argument("--child", nargs=3, metavar=("RUN", "DATA", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.detector, args.workers)
+        child(args.child[0], args.child[1], int(args.child[2]), args.detector, args.workers,
+              args.held_out)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,16 +149,21 @@ def main() -> None:
         results = []
         for n in sizes:
             cmd = [sys.executable, __file__, "--child", str(run), str(data), str(n),
-                   *[f"--detector={d}" for d in args.detector], f"--workers={args.workers}"]
+                   *[f"--detector={d}" for d in args.detector], f"--workers={args.workers}",
+                   *(["--held-out"] if args.held_out else [])]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 sys.exit(f"child for N={n} failed:\n{res.stderr[-2000:]}")
             results.append({"n_images": n, **json.loads(res.stdout.strip().splitlines()[-1])})
     report = {"benchmark": "score_memory", "model": "glow tiny, 1x8x8",
               "detectors": args.detector or "all that apply", "workers": args.workers,
+              "held_out": args.held_out,
               "checkout": args.pythonpath or "this one", "results": results,
               "peak_rss_increase_mb": results[-1]["peak_rss_mb"] - results[0]["peak_rss_mb"],
               "growth_increase_mb": results[-1]["growth_mb"] - results[0]["growth_mb"]}
+    if args.held_out:
+        report["detectors_growth_increase_mb"] = (results[-1]["detectors_growth_mb"]
+                                                  - results[0]["detectors_growth_mb"])
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

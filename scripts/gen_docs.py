@@ -80,6 +80,13 @@ def cli_markdown() -> str:
     return "\n".join(out)
 
 
+def _published(d) -> str:
+    """What the detector's paper reports, per pairing: "0.99 (fashionmnist -> mnist,
+    pixelcnn; Ren et al. 2019, table 3)"; "–" when nothing is recorded (yet)."""
+    return "; ".join(f"{p.auroc:.2f} ({p.in_dataset} -> {p.ood}, {p.model}; {p.citation})"
+                     for p in d.published) or "–"
+
+
 def detectors_markdown() -> str:
     """The detector registry: a table, then each detector's docstring."""
     out = [GENERATED, "# Detectors\n",
@@ -89,10 +96,11 @@ def detectors_markdown() -> str:
            "needs are met (or those named with `--detector`), and every reader adds its "
            "`score_<name>` column. Each entry below is its score function's docstring "
            "(`ood_audit/analysis/detectors/<name>.py`).\n",
-           "| detector | score (higher = more in-distribution) | needs | paper |",
-           "|---|---|---|---|"]
-    out += [f"| `{d.name}` | {_cell(d.summary)} | {_cell(d.requires)} | {_cell(d.paper)} |"
-            for d in DETECTORS.values()]
+           "| detector | score (higher = more in-distribution) | needs | paper | published "
+           "AUROC |",
+           "|---|---|---|---|---|"]
+    out += [f"| `{d.name}` | {_cell(d.summary)} | {_cell(d.requires)} | {_cell(d.paper)} | "
+            f"{_cell(_published(d))} |" for d in DETECTORS.values()]
     published = [(d, p) for d in DETECTORS.values() for p in d.published]
     out += ["", "## Published figures\n"]
     if published:
@@ -102,8 +110,9 @@ def detectors_markdown() -> str:
                 f"{_cell(p.citation)} |" for d, p in published]
     else:
         out.append("None recorded yet: a detector's `published` field holds the AUROCs its "
-                   "paper reports, each with its citation, and the report shows them beside "
-                   "ours.")
+                   "paper reports, each with its citation (table or figure), and the report "
+                   "shows them beside ours. A figure is recorded only once checked against "
+                   "the paper itself.")
     for d in DETECTORS.values():
         out += ["", f"## `{d.name}`\n", _paragraphs(d.doc).rstrip()]
     return "\n".join(out) + "\n"

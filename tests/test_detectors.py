@@ -22,6 +22,7 @@ from ood_audit.analysis.detectors.table import (
 )
 from ood_audit.errors import UserError
 from ood_audit.scoring.features import FEATURES, compute_feature
+from ood_audit.scoring.schema import TRAIN_ROWS_HELD_OUT_KEY
 from ood_audit.seeds import seeded
 from ood_audit.training.trainer import perturb_pixels
 
@@ -48,7 +49,8 @@ def full_frame(n: int = 60) -> tuple[pd.DataFrame, object]:
     df["log_px_ensemble"] = (np.log(np.exp(members - top).mean(axis=1, keepdims=True)) + top)[:, 0]
     df["png_bits"] = rng.normal(4000, 300, len(df))
     df["jp2_bits"] = rng.normal(6000, 300, len(df))
-    meta = fake_meta(terms, extra={LEVEL_DIMS_KEY: json.dumps([D // 2, D // 2])})
+    meta = fake_meta(terms, extra={LEVEL_DIMS_KEY: json.dumps([D // 2, D // 2]),
+                                   TRAIN_ROWS_HELD_OUT_KEY: "true"})  # unseen train rows
     return df, meta
 
 

@@ -473,3 +473,28 @@ def test_several_runs_keep_per_run_metrics_and_a_run_column(run, run_cv, tmp_pat
     # the top tables (with a run column), then each run's own, per OOD set
     assert [t["headers"][0] for t in metrics] == ["run", "run", "detector", "detector",
                                                   "detector", "detector"]
+
+
+def test_published_auroc_beside_ours_for_the_same_pairing(run, tmp_path, monkeypatch):
+    """A detector's published AUROC appears in the metric row of the same pairing (here
+    fashionmnist -> mnist) with its citation, and nowhere else."""
+    import dataclasses
+
+    from ood_audit.analysis import detectors
+    from ood_audit.analysis.detectors import Published
+
+    paper = Published("fashionmnist", "mnist", 0.123, "glow", "Someone et al. 2099, table 9")
+    other = Published("cifar10", "svhn", 0.456, "glow", "Someone et al. 2099, table 9")
+    monkeypatch.setitem(detectors.DETECTORS, "likelihood", dataclasses.replace(
+        detectors.DETECTORS["likelihood"], published=(paper, other)))
+    res = build_report([run], tmp_path / "rep", formats=["md", "json"], n_boot=0)
+    by_set = {r["ood_set"]: r["published"] for r in res.rows if r["detector"] == "likelihood"}
+    assert by_set["mnist"] == [dataclasses.asdict(paper)]
+    assert by_set["noise-uniform"] == []
+    md = res.files["md"].read_text()
+    mnist = md[md.index("### OOD set: mnist"):md.index("### OOD set: noise-uniform")]
+    assert "published AUROC" in mnist and "0.12 (Someone et al. 2099, table 9; glow)" in mnist
+    noise = md[md.index("### OOD set: noise-uniform"):]
+    noise = noise[:noise.index("\n## ")]
+    assert "AUROC" in noise and "published AUROC" not in noise
+    assert "0.46" not in mnist

@@ -40,7 +40,8 @@ IwOpt = Annotated[int | None, typer.Option("--iw-samples", show_default=False, h
 HeldOutOpt = Annotated[bool, typer.Option("--held-out", help=(
     "Take the in-distribution train rows (what detectors such as typicality fit on) from "
     "train images the model never saw: those after its training --limit N. Default: the "
-    "first --train-limit train images."))]
+    "first --train-limit train images. The density-of-states detectors (dose...) need it: "
+    "they refuse to fit on the model's own training images."))]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", show_default=False, help=(
     "DataLoader worker processes that dequantize the next images while the model scores "
     "(pinned memory on CUDA). Default: 2 on CUDA, 0 on CPU, where workers would compete "

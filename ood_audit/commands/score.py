@@ -139,11 +139,13 @@ def detector_inputs(rd: RunDir, cfg: ScoreConfig, model: DensityModel, info: Che
                           members=[*rd.ensemble_members()[1:], *map(Path, cfg.members)],
                           terms=terms, device=device, held_out=cfg.held_out)
     # The metadata the finished table will carry, as far as the detectors read it.
+    extra = plan.train_rows_metadata(jobs)
+    if plan.level_dims is not None:
+        extra[LEVEL_DIMS_KEY] = json.dumps(plan.level_dims)
     future = ScoresMeta(
         version="", schema_version="", model=info.model, in_dataset=info.dataset,
         terms=terms, run_config=info.run_config, checkpoint_sha256=info.sha256,
-        dequant_seed=cfg.seed, extra={} if plan.level_dims is None else {
-            LEVEL_DIMS_KEY: json.dumps(plan.level_dims)},
+        dequant_seed=cfg.seed, extra=extra,
         extra_columns=[*extras, *plan.columns])
     columns = [*terms, *totals_for(terms), *extras, *plan.columns]
     sets = [(j.images.name, j.role, j.images.split, j.transform) for j in jobs]

@@ -165,7 +165,9 @@ def analyse_run(rd: RunDir, name: str, *, n_boot: int = ReportConfig.n_boot,
             bpd_ood = oset.rows["bpd"].to_numpy(float)
             row = {"run": name, "detector": det, "ood_set": oset.label, "dataset": oset.dataset,
                    "transform": oset.transform, **m,
-                   "mean_bpd_in": _finite_mean(bpd_in), "mean_bpd_ood": _finite_mean(bpd_ood)}
+                   "mean_bpd_in": _finite_mean(bpd_in), "mean_bpd_ood": _finite_mean(bpd_ood),
+                   "published": published_for(det, meta.in_dataset, oset.dataset,
+                                              oset.transform)}
             row["bpd_gap"] = row["mean_bpd_ood"] - row["mean_bpd_in"]
             row["verdict"] = verdict(row)
             rows.append(row)
@@ -220,6 +222,16 @@ def _legend(name: str) -> dict:
         return {"name": name, "summary": "precomputed score column", "paper": "", "published": []}
     return {"name": name, "summary": det.summary, "paper": det.paper,
             "published": [dataclasses.asdict(p) for p in det.published]}
+
+
+def published_for(detector: str, in_dataset: str, ood: str, transform: str = "none") -> list[dict]:
+    """The AUROCs the detector's paper reports for this pairing (in-distribution -> OOD
+    set, untransformed), to set beside ours; [] when none is recorded."""
+    det = DETECTORS.get(detector)
+    if det is None or transform != "none":
+        return []
+    return [dataclasses.asdict(p) for p in det.published
+            if p.in_dataset == in_dataset and p.ood == ood]
 
 
 def mark_best(rows: list[dict], order: list[str]) -> list[dict]:

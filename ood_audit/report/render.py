@@ -48,25 +48,38 @@ def metric_table(rows: list[dict], with_run: bool, compact: bool = False) -> Tab
 OVERVIEW_FIGURE = "overview"
 
 
+def published_cell(entries: list[dict]) -> str:
+    """The AUROCs a paper reports for the same pairing, with their sources: "0.99 (Ren et
+    al. 2019, table 3; pixelcnn)"; "–" when none is recorded."""
+    return "; ".join(f"{p['auroc']:.2f} ({p['citation']}; {p['model']})" for p in entries) or "–"
+
+
 def metric_tables_by_set(rows: list[dict], with_run: bool) -> list[tuple[str, str, Table]]:
     """The metric table split by OOD set, narrow enough for a page: (set label, note,
     table) per set, in order of appearance. Each table has a row per (run,) detector.
     What is the same for every detector moves to the note: the mean bits/dim of the
     in-distribution test and OOD sets (per run), and the sample sizes unless a detector
-    left NaN scores out."""
+    left NaN scores out. A "published AUROC" column, beside ours, when a detector's paper
+    reports this pairing."""
     out = []
     for label in dict.fromkeys(r["ood_set"] for r in rows):
         group = [r for r in rows if r["ood_set"] == label]
         sizes = {(r["n_in"], r["n_ood"]) for r in group}
         n_column = len(sizes) > 1
+        published = any(r.get("published") for r in group)
         t = Table((["run"] if with_run else []) + ["detector"]
-                  + (["n in / OOD"] if n_column else []) + METRIC_HEADERS + ["verdict"])
+                  + (["n in / OOD"] if n_column else []) + METRIC_HEADERS[:1]
+                  + (["published AUROC"] if published else []) + METRIC_HEADERS[1:]
+                  + ["verdict"])
         for r in group:
             name = r["detector"] + (BEST_MARK if r.get("best") else "")
             paradox = r["auroc"] is not None and r["auroc"] < 0.5
+            cells = [with_ci(r, k) for k in METRIC_KEYS]
+            if published:
+                cells.insert(1, published_cell(r.get("published") or []))
             t.add(([r["run"]] if with_run else []) + [name]
                   + ([f"{num(r['n_in'])} / {num(r['n_ood'])}"] if n_column else [])
-                  + [with_ci(r, k) for k in METRIC_KEYS] + [r["verdict"]],
+                  + cells + [r["verdict"]],
                   " ".join((["paradox"] if paradox else []) + (["best"] if r.get("best") else [])))
         bpd = {r.get("run", ""): f"{num(r['mean_bpd_in'])} → {num(r['mean_bpd_ood'])}"
                for r in group}

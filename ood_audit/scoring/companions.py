@@ -50,6 +50,7 @@ from .schema import (
     MEMBER_KEY_PREFIX,
     MEMBER_PREFIX,
     MEMBER_TOTAL_PREFIXES,
+    TRAIN_ROWS_HELD_OUT_KEY,
     TRAIN_ROWS_KEY,
     totals_for,
 )
@@ -157,14 +158,22 @@ class InputPlan:
                 out[f"{MEMBER_KEY_PREFIX}{comp.column[len(MEMBER_PREFIX):]}"] = json.dumps(entry)
         if self.members:
             out[ENSEMBLE_SIZE_KEY] = str(len(self.members) + 1)
-        train_jobs = [j for j in jobs if j.role == "in" and j.images.split == "train"]
-        if train_jobs:
-            j = train_jobs[0]
-            first, last = j.first_index, j.first_index + len(j.images) - 1
-            kind = ("held out: train images the model never saw" if self.held_out
-                    else "training images (the first ones of the train split)")
-            out[TRAIN_ROWS_KEY] = f"{j.images.name} train images {first}..{last}, {kind}"
+        out.update(self.train_rows_metadata(jobs))
         return out
+
+    def train_rows_metadata(self, jobs) -> dict[str, str]:
+        """Which train images the in-distribution train rows are, in words
+        (``train_rows``) and whether the model never saw them (``train_rows_held_out``):
+        known before scoring, so a detector that fits on them can refuse a leak at once."""
+        train_jobs = [j for j in jobs if j.role == "in" and j.images.split == "train"]
+        if not train_jobs:
+            return {}
+        j = train_jobs[0]
+        first, last = j.first_index, j.first_index + len(j.images) - 1
+        kind = ("held out: train images the model never saw" if self.held_out
+                else "training images (the first ones of the train split)")
+        return {TRAIN_ROWS_KEY: f"{j.images.name} train images {first}..{last}, {kind}",
+                TRAIN_ROWS_HELD_OUT_KEY: "true" if self.held_out else "false"}
 
 
 def latent_level_dims(model: DensityModel, terms: list[str],

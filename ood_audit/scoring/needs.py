@@ -22,7 +22,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .schema import BACKGROUND_COLUMN, ENSEMBLE_COLUMN, LEVEL_DIMS_KEY, MEMBER_PREFIX, ScoresMeta
+from .schema import (
+    BACKGROUND_COLUMN,
+    ENSEMBLE_COLUMN,
+    LEVEL_DIMS_KEY,
+    MEMBER_PREFIX,
+    TRAIN_ROWS_HELD_OUT_KEY,
+    ScoresMeta,
+)
 
 _BACKGROUND_FIX = ("train one with ood-audit train --background --run RUN, then rescore "
                    "with ood-audit score RUN")
@@ -163,6 +170,32 @@ class TrainRows(Need):
     def fix(self, detector):
         return (f"rescore with --train-limit N (N >= {self.minimum}; --held-out for unseen "
                 "train images)")
+
+
+def train_rows_held_out(meta: ScoresMeta | None) -> bool:
+    """Whether the table's in-distribution train rows are images the model never saw
+    (``score --held-out``; metadata ``train_rows_held_out``)."""
+    return meta is not None and meta.extra.get(TRAIN_ROWS_HELD_OUT_KEY) == "true"
+
+
+@dataclass(frozen=True)
+class HeldOutTrainRows(TrainRows):
+    """In-distribution train rows the model never saw (``score --held-out``), which the
+    detector fits on. Rows the model was trained on are refused: a state fitted on them
+    learns the statistics of memorised images, not of unseen in-distribution ones (a leak)."""
+
+    requires = ("held-out in-distribution train rows (score --held-out, on a run trained "
+                "with --limit N)")
+
+    def missing(self, df, meta):
+        if not train_rows_held_out(meta):
+            return ("in-distribution train rows the model never saw (its own training images "
+                    "would leak into the fit)")
+        return super().missing(df, meta)
+
+    def fix(self, detector):
+        return ("rescore with --held-out (train images after the run's --limit N; "
+                f"--train-limit N >= {self.minimum})")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ ENTROPY_KEY = "typicality_entropy_nats"
 TRANSFORMS_KEY = "transforms"
 #: Which train images the in-distribution train rows are (first ones, or held out).
 TRAIN_ROWS_KEY = "train_rows"
+#: "true" when those rows are train images the model never saw (``score --held-out``),
+#: "false" when they are its own training images: what a detector fitted on them reads.
+TRAIN_ROWS_HELD_OUT_KEY = "train_rows_held_out"
 #: JSON of the background model's path, sha256, epoch, model, mu and weight decay.
 BACKGROUND_KEY = "background"
 #: ``member{i}``: JSON of ensemble member i's path, sha256, epoch and model.

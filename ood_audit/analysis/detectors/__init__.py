@@ -21,6 +21,10 @@ from ...scoring.schema import LEVEL_DIMS_KEY, SCORE_PREFIX
 from . import (
     complexity,
     complexity_jp2,
+    dose,
+    dose_complexity,
+    dose_minp,
+    dose_svm,
     ensemble,
     level_ratio,
     likelihood,
@@ -39,6 +43,9 @@ DETECTORS: dict[str, Detector] = {
     for m in (likelihood, typicality, likelihood_ratio, complexity, complexity_jp2, waic,
               level_ratio, ensemble)
 }
+# Density of states (Morningstar et al. 2021), fitted on held-out in-distribution rows.
+DETECTORS.update({m.DETECTOR.name: m.DETECTOR for m in (dose, dose_svm, dose_complexity,
+                                                           dose_minp)})
 
 #: The detector every table has (log p(x)); it needs no score column.
 DEFAULT_DETECTOR = "likelihood"
