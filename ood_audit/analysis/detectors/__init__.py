@@ -25,6 +25,8 @@ from . import (
     level_ratio,
     likelihood,
     likelihood_ratio,
+    likelihood_regret,
+    llr_k,
     typicality,
     waic,
 )
@@ -37,7 +39,8 @@ from .waic import waic_score
 DETECTORS: dict[str, Detector] = {
     m.DETECTOR.name: m.DETECTOR
     for m in (likelihood, typicality, likelihood_ratio, complexity, complexity_jp2, waic,
-              level_ratio, ensemble)
+              level_ratio, ensemble,
+              llr_k, likelihood_regret)
 }
 
 #: The detector every table has (log p(x)); it needs no score column.
