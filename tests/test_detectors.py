@@ -19,6 +19,7 @@ from ood_audit.analysis.detectors.table import (
     available_detectors,
     compute_detector,
     detector_scores,
+    with_detector_scores,
 )
 from ood_audit.errors import UserError
 from ood_audit.scoring.features import FEATURES, compute_feature
@@ -49,6 +50,9 @@ def full_frame(n: int = 60) -> tuple[pd.DataFrame, object]:
     df["log_px_ensemble"] = (np.log(np.exp(members - top).mean(axis=1, keepdims=True)) + top)[:, 0]
     df["png_bits"] = rng.normal(4000, 300, len(df))
     df["jp2_bits"] = rng.normal(6000, 300, len(df))
+    df["log_px_skip1"] = df["log_px"] - rng.gamma(4.0, 5.0, len(df))  # an hvae's L^>k
+    df["log_px_skip2"] = df["log_px_skip1"] - rng.gamma(4.0, 5.0, len(df))
+    df["likelihood_regret"] = rng.gamma(2.0, 10.0, len(df))  # a VAE's regret
     meta = fake_meta(terms, extra={LEVEL_DIMS_KEY: json.dumps([D // 2, D // 2]),
                                    TRAIN_ROWS_HELD_OUT_KEY: "true"})  # unseen train rows
     return df, meta
@@ -70,7 +74,9 @@ def test_each_detector_names_what_it_misses():
     df, terms = fake_frame(20)
     meta = fake_meta(terms)  # no level sizes, no background, no members, no features
     expect = {"likelihood-ratio": "train --background", "complexity": "png_bits",
-              "complexity-jp2": "jp2_bits", "waic": "--member", "level-ratio": "level"}
+              "complexity-jp2": "jp2_bits", "waic": "--member", "level-ratio": "level",
+              "llr-k": "hierarchical VAE.*--model hvae",
+              "likelihood-regret": "VAE's likelihood regret.*--detector likelihood-regret"}
     for name, words in expect.items():
         with pytest.raises(UserError, match=words) as exc:
             detector_scores(df, meta, [name])
@@ -138,6 +144,41 @@ def test_batch_table_flags_atypical_batches():
     assert tab[("far", 10)]["ood_flagged"] == 1.0 and tab[("far", 10)]["auroc"] > 0.99
     assert tab[("far", 1)]["ood_flagged"] < tab[("far", 10)]["ood_flagged"]
     assert tab[("same", 5)]["ood_flagged"] < 0.1 and tab[("same", 5)]["in_flagged"] < 0.1
+
+
+def test_llr_k_formula_and_its_k_chosen_on_train_rows_only():
+    """-LLR^>k = L^>k - L; k* maximises mean / sd of LLR^>k on in-distribution train rows
+    (the OOD rows, however they look, do not move it)."""
+    train_llr1, train_llr2 = [1.0, 3.0, 5.0], [10.0, 11.0, 12.0]  # mean/sd 1.5 vs 11
+    train = rows([-100.0] * 3, split="train", log_px_skip1=[-101.0, -103.0, -105.0],
+                 log_px_skip2=[-110.0, -111.0, -112.0])
+    test = rows([-50.0, -60.0], log_px_skip1=[-52.0, -70.0], log_px_skip2=[-56.0, -90.0])
+    ood = rows([-40.0, -40.0], role="ood", dataset="mnist", log_px_skip1=[-40.0, -40.0],
+               log_px_skip2=[-400.0, -41.0])
+    df = pd.concat([train, test, ood], ignore_index=True)
+    s = compute_detector("llr-k", df, None)
+    assert s.tolist() == [-10.0, -11.0, -12.0, -6.0, -30.0, -360.0, -1.0]
+    from ood_audit.analysis.detectors.llr_k import choose_k
+
+    assert choose_k({"log_px": np.full(3, -100.0), "log_px_skip1": -100 - np.array(train_llr1),
+                     "log_px_skip2": -100 - np.array(train_llr2)}) == 2
+    # a flat LLR^>1 on the train rows (mean 2, sd 0.01) wins over LLR^>2
+    flat = df.copy()
+    flat.loc[:2, "log_px_skip1"] = [-102.0, -102.01, -101.99]
+    assert compute_detector("llr-k", flat, None).tolist()[3:5] == [-2.0, -10.0]
+    _, meta = with_detector_scores(*_scored(flat))
+    assert meta.extra["llr_k"] == "1"
+
+
+def _scored(df):
+    from fake_scores import fake_meta
+
+    return df, fake_meta([], extra={"detectors": json.dumps(["llr-k"])})
+
+
+def test_likelihood_regret_is_minus_the_regret():
+    df = rows([-3.0, 7.5, 1.0], likelihood_regret=[0.0, 12.5, 3.0])
+    assert compute_detector("likelihood-regret", df, None).tolist() == [0.0, -12.5, -3.0]
 
 
 def test_likelihood_ratio_formula_and_identical_background():

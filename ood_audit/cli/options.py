@@ -100,7 +100,8 @@ TransformOpt = Annotated[list[str] | None, typer.Option(
     "--transform", metavar="NAME[=ARG]", help=TRANSFORM_HELP, show_default=False)]
 DetectorOpt = Annotated[list[str] | None, typer.Option(
     "--detector", show_default=False, help="A detector to add as a score_<name> column; repeat "
-    "for several. Default: every one whose needs are met. Detectors: " + detectors_help() + ".")]
+    "for several. Default: every one whose needs are met, except likelihood-regret (an "
+    "optimisation per image: name it). Detectors: " + detectors_help() + ".")]
 MemberOpt = Annotated[list[Path] | None, typer.Option(
     "--member", show_default=False, help="Another run trained on the same data: with this run "
     "it forms the ensemble of the waic and ensemble detectors (this run is member 0); repeat "

@@ -35,7 +35,7 @@ TrainLimitOpt = Annotated[int, typer.Option("--train-limit", help=(
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")]
 IwOpt = Annotated[int | None, typer.Option("--iw-samples", show_default=False, help=(
-    "VAE only: importance samples K of the IWAE bound log p(x) >= E_q log (1/K sum_k "
+    "vae and hvae: importance samples K of the IWAE bound log p(x) >= E_q log (1/K sum_k "
     "p(x,z_k)/q(z_k|x)) (more = tighter, slower)."))]
 HeldOutOpt = Annotated[bool, typer.Option("--held-out", help=(
     "Take the in-distribution train rows (what detectors such as typicality fit on) from "

@@ -128,12 +128,16 @@ def detector_inputs(rd: RunDir, cfg: ScoreConfig, model: DensityModel, info: Che
     """Choose the detectors and load what they need; UserError, before any scoring, for
     an unknown detector or a named one whose needs cannot be met.
 
-    ``cfg.detectors`` None: every registered detector whose needs are met. Ensemble
+    ``cfg.detectors`` None: every registered detector whose needs are met, except those
+    with a need supplied only on request (likelihood regret's re-fit per image). Ensemble
     members: an ensemble folder's, then ``cfg.members`` (member 0 is the run).
     """
     if cfg.detectors is not None:
         check_known(cfg.detectors)
-    wanted = [n for n in DETECTORS if cfg.detectors is None or n in cfg.detectors]
+    # every detector by default, except those whose inputs cost an optimisation per image
+    wanted = [n for n, det in DETECTORS.items()
+              if (n in cfg.detectors if cfg.detectors is not None
+                  else not any(need.on_request for need in det.needs))]
     terms, extras = model_columns(model, device)
     plan = prepare_inputs([need for n in wanted for need in DETECTORS[n].needs], rd, model, info,
                           members=[*rd.ensemble_members()[1:], *map(Path, cfg.members)],

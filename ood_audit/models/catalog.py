@@ -10,4 +10,7 @@ MODEL_FAMILIES: dict[str, str] = {
            "(Kingma & Welling 2014; Burda et al. 2016)",
     "pixelcnn": "PixelCNN++: gated two-stream autoregressive model, discretized logistic "
                 "mixture (Salimans et al. 2017)",
+    "hvae": "hierarchical (ladder) VAE, 3+ latent layers, top-down inference, discretized "
+            "logistic decoder; IWAE bound and the L>k bounds of llr-k (Sønderby et al. 2016; "
+            "Havtorn et al. 2021)",
 }

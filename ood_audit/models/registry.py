@@ -18,6 +18,7 @@ from .base import DensityModel
 from .catalog import MODEL_FAMILIES
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 from .glow_convert import GLOW_ARCH, upgrade_arch1
+from .hvae import HVAE, HVAE_PRESETS, HVAEConfig
 from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
 from .vae import VAE, VAE_PRESETS, VAEConfig
 
@@ -80,6 +81,14 @@ MODELS: dict[str, ModelSpec] = {
         fixed={},
         fit=fit_resolutions,
         build=PixelCNN,
+    ),
+    "hvae": ModelSpec(
+        name="hvae",
+        summary=MODEL_FAMILIES["hvae"],
+        config_cls=HVAEConfig,
+        presets=HVAE_PRESETS,
+        fixed={},
+        build=HVAE,
     ),
 }
 

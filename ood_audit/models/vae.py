@@ -28,6 +28,10 @@ draws z_k ~ q(z | x) with log-weights w_k = log P(k | z_k) + log p(z_k) - log q(
 It is stochastic: z is drawn from torch's global RNG (the scorer may seed it), and it
 tightens (in expectation) as K grows. Training minimises -ELBO (one reparameterised z,
 analytic KL), see :meth:`VAE.training_loss`.
+
+``encoder``, :meth:`VAE.posterior`, :meth:`VAE.encoder_input` and
+:meth:`VAE.decoder_log_prob` are what likelihood regret re-fits per image
+(:mod:`~ood_audit.models.regret`).
 """
 
 from __future__ import annotations
@@ -119,23 +123,35 @@ class VAE(DensityModel):
     # -- the two networks ---------------------------------------------------------------
     def encode(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | x): (mean, log_std), each ``[B, latent]``; v on the [-1, 1] scale."""
-        mean, log_std = self.encoder(v).chunk(2, dim=-1)
+        return self.posterior(self.encoder(v))
+
+    def posterior(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log_std) of q(z | x) from the encoder's output ``h`` ``[B, 2 latent]``."""
+        mean, log_std = h.chunk(2, dim=-1)
         return mean, log_std.clamp(-10.0, 5.0)  # wide bounds: only stop exp() blow-ups
+
+    def activation_memory_format(self) -> torch.memory_format:
+        """Channels-last on CPU, where oneDNN's transposed convolutions run several times
+        faster in it (the same function up to float rounding); NCHW elsewhere."""
+        device = next(self.parameters()).device
+        return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def decode(self, z: Tensor) -> Tensor:
         """Mixture parameters ``[N, P, H, W]`` of p(k | z) for z ``[N, latent]``."""
         (h0, w0), (h1, w1), (h2, w2) = self.sizes
         h = self.dec_in(z).view(-1, 2 * self.config.hidden, h2, w2)
+        h = h.contiguous(memory_format=self.activation_memory_format())
         h = self.act(self.up1(h, output_size=(h1, w1)))
         h = self.act(self.up2(h, output_size=(h0, w0)))
         return self.out(h)
 
-    def _recon_log_prob(self, v: Tensor, z: Tensor) -> Tensor:
+    def decoder_log_prob(self, v: Tensor, z: Tensor) -> Tensor:
         """log P(k | z) summed over pixels and channels, ``[N]``; v ``[N, C, H, W]``."""
         params = self.decode(z)
         return discretized_mix_logistic_log_prob(v, params, self.config.n_mix).flatten(1).sum(1)
 
-    def _pixels(self, x: Tensor) -> Tensor:
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """The encoder's input: the integer pixels of x on PixelCNN++'s [-1, 1] scale."""
         return pixels_to_centered(pixels_from_unit(x))
 
     @property
@@ -147,7 +163,7 @@ class VAE(DensityModel):
     def log_prob_terms(self, x: Tensor) -> dict[str, Tensor]:
         """``recon``, ``neg_kl``, ``iw_gain`` (module docstring), each ``[B]``; their sum
         is the K-sample IWAE bound plus D log 256, a stochastic lower bound of log p(x)."""
-        v = self._pixels(x)
+        v = self.encoder_input(x)
         b, k = v.shape[0], self.iw_samples
         mean, log_std = self.encode(v)
         # z: [K, B, latent] from the global RNG; decode in slices of <= MAX_DECODE images.
@@ -157,7 +173,7 @@ class VAE(DensityModel):
         log_qz = gaussian_log_prob(z, mean, log_std)  # [K, B]
         per = max(1, MAX_DECODE // max(b, 1))
         recon = torch.cat([
-            self._recon_log_prob(v.expand(z_s.shape[0], *v.shape).reshape(-1, *v.shape[1:]),
+            self.decoder_log_prob(v.expand(z_s.shape[0], *v.shape).reshape(-1, *v.shape[1:]),
                                  z_s.reshape(-1, z.shape[-1])).view(-1, b)
             for z_s in z.split(per, dim=0)
         ])  # [K, B]
@@ -176,11 +192,11 @@ class VAE(DensityModel):
         """-ELBO per image (nats, including -D log 256 so bpd reads off it): one
         reparameterised z ~ q(z | x) for the reconstruction, the Gaussian KL in closed
         form (Kingma & Welling 2014, eq. 10) for lower variance."""
-        v = self._pixels(x)
+        v = self.encoder_input(x)
         mean, log_std = self.encode(v)
         z = mean + torch.exp(log_std) * torch.randn_like(mean)
         kl = 0.5 * (mean**2 + torch.exp(2 * log_std) - 1.0 - 2 * log_std).sum(-1)
-        return -(self._recon_log_prob(v, z) - kl + self.dequant_constant)
+        return -(self.decoder_log_prob(v, z) - kl + self.dequant_constant)
 
     def elbo(self, x: Tensor) -> Tensor:
         """The analytic-KL ELBO + D log 256, one z per image: for monitoring and tests."""

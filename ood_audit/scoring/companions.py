@@ -13,7 +13,8 @@ run's model saw (the noise is seeded by set and chunk, not model), the per-image
   an ensemble folder; member 0 is the run itself), and ``log_px_ensemble``, the log of
   the members' mean density;
 - data features such as ``png_bits`` (needed by :class:`~.needs.DataFeature`);
-- any other per-image :class:`Computation` a provider adds (a per-image optimisation);
+- any other per-image :class:`Computation` a provider adds: ``likelihood_regret``, a
+  VAE's encoder re-fit to each image (:mod:`.refit`; needed by :class:`~.needs.EncoderRefit`);
 - the latent size of each level of a multi-scale flow (metadata ``level_dims``).
 
 Which detectors those inputs serve is decided above, by ``ood_audit.commands.score``;
@@ -36,10 +37,12 @@ import torch
 from ..checkpoint import CheckpointInfo, load_checkpoint
 from ..errors import UserError
 from ..models.base import DensityModel, sum_terms
+from ..models.regret import RefitSettings, supports_refit
 from ..runs import RunDir, resolve_run
 from .batches import model_columns
 from .features import FEATURES, compute_feature
-from .needs import BackgroundModel, DataFeature, Need
+from .needs import BackgroundModel, DataFeature, EncoderRefit, Need
+from .refit import RegretComputation
 from .schema import (
     BACKGROUND_COLUMN,
     BACKGROUND_KEY,
@@ -158,6 +161,8 @@ class InputPlan:
                 out[f"{MEMBER_KEY_PREFIX}{comp.column[len(MEMBER_PREFIX):]}"] = json.dumps(entry)
         if self.members:
             out[ENSEMBLE_SIZE_KEY] = str(len(self.members) + 1)
+        for computation in self.computations:
+            out.update(getattr(computation, "metadata", dict)())
         out.update(self.train_rows_metadata(jobs))
         return out
 
@@ -235,11 +240,21 @@ def _feature(need: DataFeature, ctx: Context, plan: InputPlan) -> None:
         plan.features.append(need.column)
 
 
+def _refit(need: EncoderRefit, ctx: Context, plan: InputPlan) -> None:
+    """Likelihood regret's per-image re-fit, for a model with an encoder to re-fit (a VAE;
+    else the need stays unmet)."""
+    if supports_refit(ctx.model):
+        settings = RefitSettings(steps=need.steps, lr=need.lr, weight_decay=need.weight_decay,
+                                 iw_samples=need.iw_samples)
+        plan.computations.append(RegretComputation(ctx.model, settings))
+
+
 #: Need type -> how the scorer supplies it. Needs not listed cost no work here: the
 #: columns every table has, train rows (scored by --train-limit), the level terms.
 PROVIDERS: dict[type[Need], Callable[[Need, Context, InputPlan], None]] = {
     BackgroundModel: _background,
     DataFeature: _feature,
+    EncoderRefit: _refit,
 }
 
 

@@ -28,6 +28,8 @@ from .schema import (
     LEVEL_DIMS_KEY,
     MEMBER_PREFIX,
     TRAIN_ROWS_HELD_OUT_KEY,
+    REGRET_COLUMN,
+    SKIP_PREFIX,
     ScoresMeta,
 )
 
@@ -44,6 +46,12 @@ def member_columns(columns: Iterable[str]) -> list[str]:
     """``log_px_member1``, ``log_px_member2``... in member order (member 0 is ``log_px``)."""
     found = [c for c in columns if c.startswith(MEMBER_PREFIX) and c[len(MEMBER_PREFIX):].isdigit()]
     return sorted(found, key=lambda c: int(c[len(MEMBER_PREFIX):]))
+
+
+def skip_columns(columns: Iterable[str]) -> list[str]:
+    """``log_px_skip1``, ``log_px_skip2``... (a hierarchical VAE's L^>k bounds), by k."""
+    found = [c for c in columns if c.startswith(SKIP_PREFIX) and c[len(SKIP_PREFIX):].isdigit()]
+    return sorted(found, key=lambda c: int(c[len(SKIP_PREFIX):]))
 
 
 def train_rows_mask(df):
@@ -77,6 +85,9 @@ class Need:
 
     #: what it needs beyond the scored model, in a few words (``--help``, docs/detectors.md)
     requires = "nothing more"
+    #: True when supplying it costs so much work per image that ``score`` does it only for
+    #: a detector named with ``--detector`` (never for the default "every detector")
+    on_request = False
 
     def missing(self, df, meta: ScoresMeta | None) -> str | None:
         """None when the table (and its metadata) hold this, else what is missing, in words."""
@@ -220,3 +231,43 @@ class LevelTerms(Need):
 
     def fix(self, detector):
         return "it applies to multi-scale flows (glow, glow-cv) scored by ood-audit score"
+
+
+@dataclass(frozen=True)
+class SkipBounds(Need):
+    """A hierarchical VAE's L^>k bounds (``log_px_skip{k}``, k >= 1), which its
+    ``score_columns`` writes as extra columns."""
+
+    requires = "a hierarchical VAE run (--model hvae)"
+
+    def missing(self, df, meta):
+        return None if skip_columns(df.columns) else "the L>k bounds of a hierarchical VAE " \
+            "(log_px_skip{k} columns)"
+
+    def fix(self, detector):
+        return "train with --model hvae and score that run"
+
+
+@dataclass(frozen=True)
+class EncoderRefit(Need):
+    """A VAE's encoder re-fit to each image while scoring (likelihood regret): the bound's
+    gain, ``likelihood_regret``. ``steps`` Adam steps at ``lr`` with L2 ``weight_decay`` on
+    a copy of the encoder per image, the bounds before and after from ``iw_samples``
+    common draws."""
+
+    steps: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 5e-5
+    iw_samples: int = 16
+
+    requires = "a VAE run (--model vae); an optimisation per image, so only when named"
+    on_request = True
+
+    def missing(self, df, meta):
+        if REGRET_COLUMN in df.columns:
+            return None
+        return f"a VAE's likelihood regret (column {REGRET_COLUMN})"
+
+    def fix(self, detector):
+        return (f"rescore a VAE run naming it: ood-audit score RUN --detector {detector} "
+                "(slow: an optimisation per image; --limit N keeps it short)")

@@ -61,6 +61,12 @@ MEMBER_PREFIX = "log_px_member"
 MEMBER_TOTAL_PREFIXES = {"log_pz": "log_pz_member", "logdet": "logdet_member"}
 #: log p(x) of the ensemble: log mean_j p_j(x) over the M members, float64 (member 0 = the run).
 ENSEMBLE_COLUMN = "log_px_ensemble"
+#: ``log_px_skip{k}``: a hierarchical VAE's bound L^>k, its k bottom latents from the
+#: conditional prior (Havtorn et al. 2021), in nats with D log 256 like log_px; a model
+#: extra column of ``hvae`` (ood_audit.models.hvae).
+SKIP_PREFIX = "log_px_skip"
+#: ``likelihood_regret``: a VAE's likelihood regret (Xiao et al. 2020), in nats.
+REGRET_COLUMN = "likelihood_regret"
 #: ScoresMeta.extra key: JSON list of [dataset, role, split, transform], the sets in the
 #: order they were scored (the readers' row order).
 SETS_KEY = "sets"

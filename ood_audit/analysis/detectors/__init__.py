@@ -29,6 +29,8 @@ from . import (
     level_ratio,
     likelihood,
     likelihood_ratio,
+    likelihood_regret,
+    llr_k,
     typicality,
     waic,
 )
@@ -41,7 +43,8 @@ from .waic import waic_score
 DETECTORS: dict[str, Detector] = {
     m.DETECTOR.name: m.DETECTOR
     for m in (likelihood, typicality, likelihood_ratio, complexity, complexity_jp2, waic,
-              level_ratio, ensemble)
+              level_ratio, ensemble,
+              llr_k, likelihood_regret)
 }
 # Density of states (Morningstar et al. 2021), fitted on held-out in-distribution rows.
 DETECTORS.update({m.DETECTOR.name: m.DETECTOR for m in (dose, dose_svm, dose_complexity,
