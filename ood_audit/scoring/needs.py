@@ -27,9 +27,9 @@ from .schema import (
     ENSEMBLE_COLUMN,
     LEVEL_DIMS_KEY,
     MEMBER_PREFIX,
-    TRAIN_ROWS_HELD_OUT_KEY,
     REGRET_COLUMN,
     SKIP_PREFIX,
+    TRAIN_ROWS_HELD_OUT_KEY,
     ScoresMeta,
 )
 
