@@ -1,23 +1,33 @@
-"""Time to quality: test bits/dim against training wall time, ours vs Glow ports.
+"""Time to quality: test bits/dim against training wall time, ours vs Glow and PixelCNN++ ports.
 
     python benchmarks/convergence.py --port y0ast=../Glow-PyTorch --port rosinality=../glow-pytorch
+    python benchmarks/convergence.py --family pixelcnn --port pclucas14=../pixel-cnn-pp
     python benchmarks/convergence.py --seeds 0 --epochs 1 --limit 3000        # a quick look
 
+The family is the ``--config``'s model (``glow``/``glow-cv`` or ``pixelcnn``); ``--family``
+alone picks its default config: ``examples/demo.yaml`` (the ``make demo`` budget) for
+Glow, ``benchmarks/pixelcnn_tiny.yaml`` (the README's PixelCNN++ budget) for PixelCNN++.
+Ports of another family than the config's are refused.
+
 Every implementation trains on the same images, in the same batches, with the same
-dequantization noise, the same ActNorm init batch, optimiser (Adam), learning rate,
-warm-up and gradient clip (on the bits/dim loss), for each seed, each (implementation,
-seed) in its own child process with the same threads. Ours trains through the library's
-own :class:`~ood_audit.training.trainer.Trainer` with the options of ``--config``
-(default ``examples/demo.yaml``, the ``make demo`` budget) as shipped; the ports get the
-same hyper-parameters in a plain loop around their own modules
-(``reference_ports.py``; their code is never part of this repository).
+dequantization noise, the same ActNorm init batch (Glow), optimiser (Adam), learning
+rate, warm-up and gradient clip (on the bits/dim loss), for each seed, each
+(implementation, seed) in its own child process with the same threads. Ours trains
+through the library's own :class:`~ood_audit.training.trainer.Trainer` with the options
+of ``--config`` as shipped; the ports get the same hyper-parameters and sizes in a plain
+loop around their own modules (``reference_ports.py``; their code is never part of this
+repository). PixelCNN++ ports see the pixels k of the same images on their own scale
+(2k/255 - 1) and train on their own loss (a batch sum of -log P(k) in nats) divided by
+B D ln 2: bits/dim.
 
 Test bits/dim (the first ``--test-limit`` test images, fixed noise) is measured every
 ``--eval-every`` steps; the clock counts training steps only, never evaluation. Reported:
 (a) the final bits/dim, mean +- sd over seeds, and (b) the wall time ours needs to reach
 each port's final mean (linear between evaluations), as a fraction of the port's time.
-Also a parity line per port: its trained weights converted to our Glow
-(``ood_audit/models/glow_convert.py``) give the same log p(x) on the same images.
+The last step is always evaluated. Also a parity line per port: its trained weights
+converted to ours (Glow: ``ood_audit/models/glow_convert.py``; PixelCNN++:
+``reference_ports.pixelcnn_state_from_pclucas14``) give the same log p(x) on the same
+images, which checks that both compute the same function (architecture and likelihood).
 
 Output: JSON (``--out``), a PNG of bits/dim against wall time (``--png``), a table on
 stdout. Timings on shared machines are noisy: compare within one run.
@@ -38,7 +48,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference_ports import PORTS, PortError, check_clone  # noqa: E402
+from reference_ports import PORTS_BY_FAMILY, PortError, check_clone, pixelcnn_state_from_pclucas14  # noqa: E402
+
+#: model (a config's ``model``) -> the family whose ports it is compared with
+FAMILY_OF_MODEL = {"glow": "glow", "glow-cv": "glow", "pixelcnn": "pixelcnn"}
+#: family -> the config a bare ``--family`` trains (the README's budget for it)
+DEFAULT_CONFIG = {"glow": ROOT / "examples" / "demo.yaml",
+                  "pixelcnn": ROOT / "benchmarks" / "pixelcnn_tiny.yaml"}
 
 
 def loadavg() -> list[float]:
@@ -103,6 +119,8 @@ def ours_child(args) -> dict:
     apply_fast_paths(model, config.model, config.train.fast_path)
     clock, curve = Clock(), []
     device = torch.device("cpu")
+    total_steps = math.ceil(len(train) / config.train.batch_size) * config.train.epochs
+    eval_every = args.eval_every or default_eval_every(total_steps)
 
     class Progress(TrainProgress):
         step = 0
@@ -113,7 +131,7 @@ def ours_child(args) -> dict:
         def batch(self, batch, train_bpd, images_per_s, clipped_frac=0.0):
             clock.stop()
             self.step += 1
-            if self.step % args.eval_every == 0:
+            if self.step % eval_every == 0 or self.step == total_steps:
                 bpd = evaluate_bpd(trainer.averaged, test.images, config.train.batch_size * 2,
                                    device, config.train.seed)
                 trainer.model.train()
@@ -131,7 +149,13 @@ def ours_child(args) -> dict:
     clipped = [r.clipped_frac for r in results]
     return {"impl": "ours", "seed": args.seed, "curve": curve, "train_seconds": clock.total,
             "clipped_frac": clipped, "model_config": {**vars(model_config)},
+            "n_params": sum(p.numel() for p in model.parameters()),
             "train": {k: v for k, v in vars(config.train).items() if k != "fast_path"}}
+
+
+def default_eval_every(total_steps: int) -> int:
+    """About eight evaluations over the run (the last step is always one)."""
+    return max(1, math.ceil(total_steps / 8))
 
 
 def port_child(args) -> dict:
@@ -139,22 +163,25 @@ def port_child(args) -> dict:
     import torch
 
     from ood_audit.data import dequantize
+    from ood_audit.errors import UserError
     from ood_audit.seeds import seeded
 
     config, train, test = _setup(args)
     cfg = config.train
-    model_config = _model_sizes(config)
+    family = FAMILY_OF_MODEL[config.model]
+    model_config = _model_sizes(config, train.shape)
     torch.manual_seed(cfg.seed)
-    port = PORTS[args.port](Path(args.port_dir), train.shape, seed=cfg.seed, **model_config)
+    port = PORTS_BY_FAMILY[family][args.port](Path(args.port_dir), train.shape, seed=cfg.seed, **model_config)
     model, dims = port.model, math.prod(train.shape)
-    # The same data-dependent init batch as Trainer.data_init (the adapter's own random
-    # init batch is overwritten: ActNorm initialises once, on the first forward).
-    _reset_actnorm(model)
-    n = min(len(train), max(cfg.batch_size, 256))
-    idx = torch.randperm(len(train), generator=seeded(cfg.seed, -1))[:n]
     model.train()
-    with torch.no_grad():
-        port.log_px(port.prepare(dequantize(train.images[idx], seeded(cfg.seed, -2))))
+    if family == "glow":
+        # The same data-dependent init batch as Trainer.data_init (the adapter's own random
+        # init batch is overwritten: ActNorm initialises once, on the first forward).
+        _reset_actnorm(model)
+        n = min(len(train), max(cfg.batch_size, 256))
+        idx = torch.randperm(len(train), generator=seeded(cfg.seed, -1))[:n]
+        with torch.no_grad():
+            port.log_px(port.prepare(dequantize(train.images[idx], seeded(cfg.seed, -2))))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     warmup = max(cfg.warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
@@ -173,6 +200,8 @@ def port_child(args) -> dict:
 
     clock, curve, step, clipped = Clock(), [], 0, []
     n_batches = math.ceil(len(train) / cfg.batch_size)
+    total_steps = n_batches * cfg.epochs
+    eval_every = args.eval_every or default_eval_every(total_steps)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(train), generator=seeded(cfg.seed, epoch))
         clipped_steps = 0
@@ -181,29 +210,41 @@ def port_child(args) -> dict:
             x = dequantize(train.images[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
                            seeded(cfg.seed, epoch, b))
             opt.zero_grad(set_to_none=True)
-            loss = -port.log_px(port.prepare(x)).mean() / (dims * math.log(2))
+            loss = port.train_loss_bpd(port.prepare(x))
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             clipped_steps += bool(norm > cfg.max_grad_norm)
             opt.step()
             sched.step()
             step += 1
-            if step % args.eval_every == 0:
+            if step % eval_every == 0 or step == total_steps:
                 clock.stop()
                 curve.append({"step": step, "seconds": clock.total, "test_bpd": test_bpd()})
                 clock.start()
         clock.stop()
         clipped.append(clipped_steps / n_batches)
-    parity = _parity(args.port, port, model_config, train.shape, test, cfg.seed)
-    return {"impl": args.port, "seed": args.seed, "curve": curve, "train_seconds": clock.total,
-            "clipped_frac": clipped, "parity_max_rel": parity}
+    row = {"impl": args.port, "seed": args.seed, "curve": curve, "train_seconds": clock.total,
+           "clipped_frac": clipped, "n_params": sum(p.numel() for p in model.parameters())}
+    try:
+        row["parity_max_rel"] = _parity(args.port, port, model_config, train.shape, test, cfg.seed)
+    except (KeyError, RuntimeError, ValueError, UserError) as exc:  # a state dict we cannot convert
+        row["parity_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return row
 
 
-def _model_sizes(config) -> dict:
-    from ood_audit.models.registry import get_spec
+def _model_sizes(config, shape) -> dict:
+    """The port's size arguments from our resolved model config (preset, overrides, fitted
+    to the input shape), so both build the same network."""
+    from ood_audit.models.registry import resolve_model_config
 
-    sizes = {**get_spec(config.model).presets[config.preset], **config.model_config}
-    return {"levels": sizes["levels"], "steps": sizes["steps"], "hidden": sizes["hidden"]}
+    sizes, _ = resolve_model_config(config.model, config.preset, config.model_config, shape)
+    if FAMILY_OF_MODEL[config.model] == "glow":
+        return {"levels": sizes.levels, "steps": sizes.steps, "hidden": sizes.hidden}
+    if sizes.resolutions != 3:  # the port's three resolutions are fixed
+        raise PortError(f"the PixelCNN++ ports have 3 resolutions, {config.model} has "
+                        f"{sizes.resolutions} for {tuple(shape)}: use H, W divisible by 4")
+    return {"filters": sizes.filters, "n_resnet": sizes.n_resnet, "n_mix": sizes.n_mix,
+            "dropout": sizes.dropout}
 
 
 def _reset_actnorm(model) -> None:
@@ -220,15 +261,32 @@ def _reset_actnorm(model) -> None:
 
 def _parity(name: str, port, sizes: dict, shape, test, seed: int) -> float:
     """Max relative |log p(x) ours - port| on 128 test images, the port's trained weights
-    converted to our Glow."""
+    converted to our model."""
     import torch
 
     from ood_audit.data import dequantize
-    from ood_audit.models.glow import Glow
-    from ood_audit.models.glow_convert import from_rosinality, from_y0ast
     from ood_audit.seeds import seeded
 
-    state = port.model.state_dict()
+    model = _converted(name, port.model.state_dict(), sizes, shape)
+    model.eval()
+    port.model.eval()
+    x = dequantize(test.images[:128], seeded(seed, 123))
+    with torch.no_grad():
+        ref, got = port.log_px(port.prepare(x)).double(), model.log_prob(x).double()
+    return float(((got - ref).abs() / ref.abs()).max())
+
+
+def _converted(name: str, state: dict, sizes: dict, shape):
+    """Our model holding a port's weights (the port's state dict converted)."""
+    if name == "pclucas14":
+        from ood_audit.models.pixelcnn import PixelCNN, PixelCNNConfig
+
+        model = PixelCNN(PixelCNNConfig(**sizes, resolutions=3), shape)
+        model.load_state_dict(pixelcnn_state_from_pclucas14(state))
+        return model
+    from ood_audit.models.glow import Glow
+    from ood_audit.models.glow_convert import from_rosinality, from_y0ast
+
     if name == "y0ast":
         hparams = {"K": sizes["steps"], "L": sizes["levels"], "hidden_channels": sizes["hidden"],
                    "flow_coupling": "affine", "flow_permutation": "invconv", "LU_decomposed": True,
@@ -239,18 +297,15 @@ def _parity(name: str, port, sizes: dict, shape, test, seed: int) -> float:
                                        affine=True, lu=True, input_shape=shape)
     model = Glow(config, shape)
     model.load_state_dict(ours)
-    model.eval()
-    port.model.eval()
-    x = dequantize(test.images[:128], seeded(seed, 123))
-    with torch.no_grad():
-        ref, got = port.log_px(port.prepare(x)).double(), model.log_prob(x).double()
-    return float(((got - ref).abs() / ref.abs()).max())
+    return model
 
 
 # ------------------------------------------------------------------------ parent
 def run_child(args, impl: str, seed: int, port_dir: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--seed", str(seed), "--config", args.config,
-           "--threads", str(args.threads), "--eval-every", str(args.eval_every)]
+           "--threads", str(args.threads)]
+    if args.eval_every:
+        cmd += ["--eval-every", str(args.eval_every)]
     for key in ("epochs", "limit", "test_limit"):
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -310,6 +365,9 @@ def summarise(by_impl: dict[str, list[dict]]) -> dict:
         parity = [r["parity_max_rel"] for r in rows if "parity_max_rel" in r]
         if parity:
             summary[impl]["parity_max_rel"] = max(parity)
+        errors = [r["parity_error"] for r in rows if "parity_error" in r]
+        if errors:
+            summary[impl]["parity_error"] = errors[0]
     ours = summary.get("ours")
     for impl, s in summary.items():
         if impl == "ours" or ours is None:
@@ -352,28 +410,73 @@ def table(summary: dict) -> str:
         ratio = s.get("time_to_quality_ratio")
         reach = ("" if impl == "ours" else "never" if ratio is None
                  else f"{s['ours_seconds_to_port_final']:.0f} s = **{ratio:.2f}x** its time")
-        parity = f"{s['parity_max_rel']:.1e}" if "parity_max_rel" in s else ""
+        parity = (f"failed: {s['parity_error']}" if "parity_error" in s
+                  else f"{s['parity_max_rel']:.1e}" if "parity_max_rel" in s else "")
         per_seed = " / ".join(f"{b:.3f}" for b in s["final_bpd"])
         lines.append(f"| {impl} | {s['final_bpd_mean']:.3f} +- {s['final_bpd_sd']:.3f} | {per_seed} | "
                      f"{s['train_seconds_mean']:.0f} | {reach} | {parity} |")
     return "\n".join(lines)
 
 
+def resolve_family(config: str | None, family: str | None) -> tuple[str, str]:
+    """(config path, family): the config's model decides; ``family`` alone picks its default
+    config; both must agree. A PortError (one line) otherwise."""
+    if config is None:
+        family = family or "glow"
+        return str(DEFAULT_CONFIG[family]), family
+    from ood_audit.errors import UserError
+    from ood_audit.training.run import load_run_config
+
+    try:
+        model = load_run_config(Path(config)).model
+    except UserError as exc:
+        raise PortError(str(exc)) from None
+    if model not in FAMILY_OF_MODEL:
+        raise PortError(f"{config} trains {model!r}: no reference ports for it; convergence.py "
+                        f"compares {', '.join(FAMILY_OF_MODEL)}")
+    if family is not None and FAMILY_OF_MODEL[model] != family:
+        raise PortError(f"--family {family}, but {config} trains {model!r} "
+                        f"({FAMILY_OF_MODEL[model]}): drop one of them")
+    return config, FAMILY_OF_MODEL[model]
+
+
+def parse_ports(specs: list[str], family: str) -> dict[str, Path]:
+    """``NAME=DIR`` specs -> {name: clone dir}; each a port of ``family`` whose clone exists."""
+    ports = {}
+    for spec in specs:
+        name, _, directory = spec.partition("=")
+        if not directory:
+            raise PortError(f"--port wants NAME=DIR, got {spec!r}")
+        if name not in PORTS_BY_FAMILY[family]:
+            other = [f for f, p in PORTS_BY_FAMILY.items() if name in p]
+            why = f"a {other[0]} port" if other else "unknown"
+            raise PortError(f"--port {name}: {why}; the config trains {family}, whose ports are "
+                            f"{', '.join(PORTS_BY_FAMILY[family])}")
+        check_clone(name, Path(directory))
+        ports[name] = Path(directory).resolve()
+    return ports
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"),
-                    help="ood-audit train config (default: examples/demo.yaml, the make demo budget)")
+    ap.add_argument("--config", help="ood-audit train config; its model gives the family (default: the "
+                    "family's, " + ", ".join(f"{f}: {p.relative_to(ROOT)}" for f, p in DEFAULT_CONFIG.items())
+                    + ")")
+    ap.add_argument("--family", choices=list(DEFAULT_CONFIG),
+                    help="the model family to compare (default: the --config's model's, else glow)")
+    ports_help = "; ".join(f"{f}: {', '.join(p)}" for f, p in PORTS_BY_FAMILY.items())
     ap.add_argument("--port", action="append", default=[], metavar="NAME=DIR",
-                    help=f"a clone of a Glow port to train alike; NAME in {', '.join(PORTS)}")
+                    help=f"a clone of a port of the family to train alike; NAME in {ports_help}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, help="override the config's epochs")
     ap.add_argument("--limit", type=int, help="override the config's training images")
     ap.add_argument("--test-limit", type=int, help="override the config's test images")
-    ap.add_argument("--eval-every", type=int, default=47, help="steps between test evaluations")
+    ap.add_argument("--eval-every", type=int, help="steps between test evaluations (default: about 8 "
+                    "per run; the last step is always evaluated)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "convergence.json"))
-    ap.add_argument("--png", default=str(ROOT / "benchmarks" / "convergence.png"))
+    ap.add_argument("--out", help="JSON (default: benchmarks/convergence[_FAMILY].json)")
+    ap.add_argument("--png", help="plot (default: the --out name with .png)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port-dir", help=argparse.SUPPRESS)
@@ -386,15 +489,13 @@ def main() -> None:
         return
 
     try:
-        ports = {}
-        for spec in args.port:
-            name, _, directory = spec.partition("=")
-            if name not in PORTS:
-                raise PortError(f"--port: unknown port {name!r}; known: {', '.join(PORTS)}")
-            check_clone(name, Path(directory))
-            ports[name] = Path(directory).resolve()
+        args.config, family = resolve_family(args.config, args.family)
+        ports = parse_ports(args.port, family)
     except PortError as exc:
         raise SystemExit(f"error: {exc}") from None
+    suffix = "" if family == "glow" else f"_{family}"
+    args.out = args.out or str(ROOT / "benchmarks" / f"convergence{suffix}.json")
+    args.png = args.png or str(Path(args.out).with_suffix(".png"))
     seeds = [int(s) for s in args.seeds.split(",")]
     load_before = loadavg()
     by_impl: dict[str, list[dict]] = {"ours": [], **{name: [] for name in ports}}
@@ -407,7 +508,7 @@ def main() -> None:
             print(f"{impl} seed {seed}: test bits/dim {row['curve'][-1]['test_bpd']:.4f} after "
                   f"{row['train_seconds']:.0f} s of training", file=sys.stderr, flush=True)
     summary = summarise(by_impl)
-    result = {"config": args.config, "seeds": seeds, "threads": args.threads,
+    result = {"config": args.config, "family": family, "seeds": seeds, "threads": args.threads,
               "eval_every": args.eval_every, "loadavg_before": load_before, "loadavg_after": loadavg(),
               "summary": summary, "runs": by_impl}
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -91,14 +91,17 @@ def test_the_input_range_is_a_change_of_variables_with_its_own_term(in_tmp, tiny
     with torch.no_grad():
         terms = model.log_prob_terms(x)
     torch.testing.assert_close(terms["log_prob"], gauss_log_prob(a * x + b))
-    torch.testing.assert_close(terms[INPUT_TERM], torch.full((5,), D * math.log(a)))
+    if a != 1:  # the change of variables, a term of its own; none when it is zero
+        torch.testing.assert_close(terms[INPUT_TERM], torch.full((5,), D * math.log(a)))
+    assert (INPUT_TERM in terms) == (a != 1)
     code, _, err = cli(["score", "runs/g", "--ood", "noise-uniform", "--limit", "32",
                         "--train-limit", "16"], capsys)
     assert code == 0, err
     df, meta = load_run_scores(RunDir(in_tmp / "runs/g"))
-    assert meta.model == "imported" and meta.terms == ["log_prob", INPUT_TERM]
+    assert meta.model == "imported" and meta.terms == ["log_prob"] + [INPUT_TERM] * (a != 1)
+    input_term = df[INPUT_TERM] if a != 1 else 0.0
     torch.testing.assert_close(torch.tensor(df["log_px"].to_numpy()),
-                               torch.tensor((df["log_prob"] + df[INPUT_TERM]).to_numpy()))
+                               torch.tensor((df["log_prob"] + input_term).to_numpy()))
 
 
 def test_a_plain_module_file_is_audited_end_to_end(in_tmp, tiny_data, tiny_ood, capsys):
@@ -206,7 +209,7 @@ def test_the_modules_own_terms_become_columns_in_its_own_shape(in_tmp, tiny_data
     assert cli(["score", "runs/f", "--ood", "noise-uniform", "--limit", "8", "--train-limit", "0"],
                capsys)[0] == 0
     df, meta = load_run_scores(RunDir(in_tmp / "runs/f"))
-    assert meta.terms == ["log_pz", "logdet_t0_scale", INPUT_TERM]
+    assert meta.terms == ["log_pz", "logdet_t0_scale"]  # 0,1: no change of variables
     assert df["logdet_t0_scale"].to_numpy() == pytest.approx(32.0)
 
 
@@ -233,7 +236,7 @@ BAD_MODULES = {
     "a factory that is not there": ("def other():\n    pass\n", "make", "callables defined in it: other"),
     "not a module": ("def make():\n    return 3\n", "make", "not a torch.nn.Module"),
     "no log_prob": ("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n", "make",
-                    "neither log_prob"),
+                    "no log_prob"),
     "log_prob that raises": ("""
         import torch
         from torch import nn

@@ -61,6 +61,13 @@ class TermInfo:
         return "bits/dim" if self.name == "bpd" else "nats"
 
 
+def _member(name: str, group: str) -> re.Match | None:
+    """``name``'s level and layer kind after its group's prefix (``logdet_level0_coupling``);
+    None for a member of another form (an adapter's ``logdet_t3_coupling``)."""
+    prefix = TERM_GROUPS[group]
+    return _MEMBER.match(name[len(prefix):]) if name.startswith(prefix) else None
+
+
 def term_columns(df: pd.DataFrame, meta: ScoresMeta) -> tuple[pd.DataFrame, list[TermInfo]]:
     """The value of every summarised term per row, and the terms' places, in display order.
 
@@ -79,7 +86,7 @@ def term_columns(df: pd.DataFrame, meta: ScoresMeta) -> tuple[pd.DataFrame, list
         infos.append(TermInfo(total, "group", group=total))
         parsed = {}
         for name in members:
-            m = _MEMBER.match(name[len(TERM_GROUPS[total]):])
+            m = _member(name, total)
             parsed[name] = (int(m.group(1)), m.group(2)) if m else (None, None)
         if any(kind for _, kind in parsed.values()):
             levels = sorted({lv for lv, _ in parsed.values() if lv is not None})
@@ -96,7 +103,7 @@ def term_columns(df: pd.DataFrame, meta: ScoresMeta) -> tuple[pd.DataFrame, list
         group = next((g for g, members in totals.items() if name in members), None)
         level, kind = None, None
         if group is not None:
-            m = _MEMBER.match(name[len(TERM_GROUPS[group]):])
+            m = _member(name, group)
             if m:
                 level, kind = int(m.group(1)), m.group(2)
         infos.append(TermInfo(name, "term", group, level, kind))

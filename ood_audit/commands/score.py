@@ -80,7 +80,8 @@ class ScoreResult:
 
 def score(run: Path | RunDir | None, cfg: ScoreConfig, *, data_root: Path | None = None,
           download: bool = False, notify=print,
-          progress: ScoreProgress | None = None) -> ScoreResult:
+          progress: ScoreProgress | None = None,
+          loaded: tuple[DensityModel, CheckpointInfo] | None = None) -> ScoreResult:
     """Score ``cfg.ood`` (and the in-distribution splits) with the run's checkpoint into
     ``RUN/scores``; ``run`` None is the last run trained.
 
@@ -88,6 +89,8 @@ def score(run: Path | RunDir | None, cfg: ScoreConfig, *, data_root: Path | None
     them and rank 0 alone holds the lock and returns the summaries. Ctrl-C raises
     :class:`~ood_audit.errors.Interrupted` saying what ``RUN/scores`` holds: the folder
     is swapped in whole, so the old table or the complete new one, never a part.
+    ``loaded``: a model in memory and its info, scored instead of the run's checkpoint
+    (``ood_audit.audit`` on a module; see :func:`~ood_audit.scoring.scorer.write_scores`).
     """
     rd = run if isinstance(run, RunDir) else resolve_run(run)
     ctx = init_distributed(cfg.device) if dist_env()[1] > 1 else None
@@ -97,7 +100,8 @@ def score(run: Path | RunDir | None, cfg: ScoreConfig, *, data_root: Path | None
         with run_lock(rd, "ood-audit score") if is_main else contextlib.nullcontext():
             sets = write_scores(rd, cfg, root=data_root, download=download, notify=notify,
                                 progress=progress if is_main else None,
-                                inputs_for=lambda *loaded: detector_inputs(rd, cfg, *loaded))
+                                inputs_for=lambda *got: detector_inputs(rd, cfg, *got),
+                                loaded=loaded)
     except KeyboardInterrupt:
         kept = ("was left as it was" if folder_identity(rd.scores) == before
                 else "holds the complete new table (the summary was not printed)")

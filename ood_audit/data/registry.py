@@ -14,8 +14,11 @@ SVHN, ImageNet32) and :mod:`.image_file_sets` (CelebA, Omniglot).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +82,31 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+#: Image sets held in memory by the Python API (``ood_audit.audit`` on arrays), name ->
+#: ImageSet, found by :func:`load_dataset` before the registry while
+#: :func:`in_memory_sets` holds them; empty otherwise.
+_IN_MEMORY: dict[str, ImageSet] = {}
+
+
+@contextlib.contextmanager
+def in_memory_sets(sets: dict[str, ImageSet]) -> Iterator[None]:
+    """Let :func:`load_dataset` find ``sets`` by name for the duration of the block.
+
+    Like a user's file, an in-memory set has no splits: ``train`` and ``test`` give the
+    same images. A name of the registry, or one already held, is a UserError.
+    """
+    taken = [n for n in sets if n in DATASETS or n in _IN_MEMORY]
+    if taken:
+        raise UserError(f"{taken[0]!r} names a registered data set (or one already in use); "
+                        "give your array another name")
+    _IN_MEMORY.update(sets)
+    try:
+        yield
+    finally:
+        for name in sets:
+            _IN_MEMORY.pop(name, None)
+
+
 def data_root(explicit: Path | None = None) -> Path:
     """Where named data sets live: ``--data-root`` > ``$OOD_AUDIT_DATA`` > per-user cache.
 
@@ -109,6 +137,10 @@ def load_dataset(name_or_path: str, split: str = "test", *, root: Path | None = 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                               or limit <= 0):
         raise UserError(f"limit must be a positive number of images, got {limit!r}")
+    held = _IN_MEMORY.get(name)
+    if held is not None:
+        _check_split(name, split, SPLITS)
+        return dataclasses.replace(held if limit is None else held.head(limit), split=split)
     spec = DATASETS.get(name)
     if spec is None:
         if not name.strip():  # Path("") is the current folder: never read it by accident

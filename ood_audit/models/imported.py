@@ -6,23 +6,25 @@ registry. A run keeps FILE's path and sha256 in its model config, so ``score`` r
 the module the same way, after checking that FILE still has the same bytes
 (:func:`build_imported`); the module's weights travel in the run's checkpoint.
 
-The contract the wrapper holds the module to, per batch of dequantized x in [0, 1)^D
+The rules, the one place they are written (the Python API's :func:`wrap_module` of a
+module in memory uses the same class), per batch of dequantized x in [0, 1)^D
 (``[B, C, H, W]``, :mod:`ood_audit.data.preprocess`):
 
 - continuous (default): the module takes y = a x + b (``--input-range``,
   :data:`~.input_ranges.INPUT_RANGES`) and returns log p(y) in nats, shape ``[B]``; the
   change of variables gives log p(x) = log p(y) + D log|a|, written as the term
-  :data:`INPUT_TERM` (zero for 0,1 and -0.5,0.5);
+  :data:`INPUT_TERM` when a != 1;
 - discrete (``--discrete``): the module takes uint8 pixels k = floor(256 x) and returns
   log P(k); log p(x) = log P(k) + D log 256 (the density of the dequantized image, as
-  ood-audit's PixelCNN++ and VAE report), the constant written as :data:`DISCRETE_TERM`.
+  ood-audit's PixelCNN++ and VAE report; Nalisnick et al. 2019), the constant written as
+  :data:`DISCRETE_TERM`. No input range applies.
 
 The module's own terms, first found of: its ``log_prob_terms(y)`` (ood-audit's
-interface: a dict of ``[B]`` terms), a flow library's adapter (:mod:`.adapters`), else
-its ``log_prob(y)`` as the one term ``log_prob``. The input reaches the module in
-``module_shape`` (default the image's (C, H, W); ``(D,)`` for a flat flow) and the dtype
-of its parameters. The module is called in eval mode; a module that raises says so in one
-line naming FILE.
+interface: a dict of ``[B]`` terms), a flow library's adapter (:mod:`.adapters`: log p(z)
+and the log|det| per transform), else its ``log_prob(y)`` as the one term ``log_prob``.
+Each must be a float ``[B]``. The input reaches the module in ``module_shape`` (default
+the image's (C, H, W); ``(D,)`` for a flat flow) and the dtype of its parameters. The
+module is called in eval mode; a module that raises says so in one line naming FILE.
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from ..data.preprocess import LOG_N_BINS
 from ..errors import UserError
 from ..provenance import file_sha256
 from .adapters import Adapter, adapter_for
 from .base import DensityModel
+from .discretized import pixels_from_unit
 from .input_ranges import DEFAULT_INPUT_RANGE, INPUT_RANGES
 
-#: D log|a| of the input range's change of variables (continuous modules).
+#: D log|a| of the input range's change of variables (continuous modules, a != 1).
 INPUT_TERM = "logdet_input"
 #: D log 256: log p(x) of the dequantized image minus log P(k) (discrete modules).
-DISCRETE_TERM = "dequant_offset"
+DISCRETE_TERM = "discrete_offset"
 #: The one term of a module that has only ``log_prob``.
 PLAIN_TERM = "log_prob"
 
@@ -68,8 +72,11 @@ class ImportedConfig:
 
     def __post_init__(self) -> None:
         if self.input_range not in INPUT_RANGES:
-            raise ValueError(f"input_range {self.input_range!r} is not one of "
-                             f"{', '.join(INPUT_RANGES)}")
+            raise UserError(f"input_range {self.input_range!r}: choose one of "
+                            f"{', '.join(INPUT_RANGES)}")
+        if self.discrete and self.input_range != DEFAULT_INPUT_RANGE:
+            raise UserError("a discrete module takes the uint8 pixels, so no input range applies "
+                            f"(got {self.input_range!r}): drop --input-range (input_range)")
 
 
 class ImportedModel(DensityModel):
@@ -90,9 +97,15 @@ class ImportedModel(DensityModel):
         self.own_terms = callable(getattr(module, "log_prob_terms", None))
         self.adapter: Adapter | None = None if self.own_terms else adapter_for(module)
         if not (self.own_terms or self.adapter or callable(getattr(module, "log_prob", None))):
-            raise UserError(f"{config.file}:{config.factory}() returned a {type(module).__name__} "
-                            "with neither log_prob(x) nor log_prob_terms(x), and no flow "
-                            "library's adapter matches it")
+            raise UserError(f"{self._where()} gave a {type(module).__name__}, which has no "
+                            "log_prob(x) (nor log_prob_terms(x)) and is no normflows, nflows or "
+                            "zuko flow: nothing to score")
+
+    @property
+    def family(self) -> str:
+        """How the scores of a module scored from memory name the model: the flow library
+        whose adapter gives the terms, else ``python``."""
+        return self.adapter.name if self.adapter is not None else "python"
 
     @property
     def source(self) -> str:
@@ -105,16 +118,19 @@ class ImportedModel(DensityModel):
         """x in [0, 1)^D ``[B, C, H, W]`` -> what the module takes, in ``module_shape``."""
         shape = (x.shape[0], *self.module_shape)
         if self.config.discrete:
-            return torch.floor(x * 256).clamp_(0, 255).to(torch.uint8).reshape(shape)
-        y = x.to(_dtype_of(self.module)) * self.scale + self.shift
+            return pixels_from_unit(x).to(torch.uint8).reshape(shape)
+        x = x.to(_dtype_of(self.module))
+        y = x if (self.scale, self.shift) == (1.0, 0.0) else x * self.scale + self.shift
         return y.reshape(shape)
 
     def log_prob_terms(self, x: Tensor) -> dict[str, Tensor]:
         terms = self._module_terms(self.module_input(x), len(x))
         if self.config.discrete:
-            constant, name = self.n_dims * math.log(256.0), DISCRETE_TERM
-        else:
+            constant, name = self.n_dims * LOG_N_BINS, DISCRETE_TERM
+        elif self.scale != 1.0:  # the change of variables x -> a x + b
             constant, name = self.n_dims * math.log(abs(self.scale)), INPUT_TERM
+        else:
+            return terms
         if name in terms:
             raise UserError(f"{self._where()} names a term {name!r}, which ood-audit adds "
                             "itself: rename it")
@@ -148,7 +164,7 @@ class ImportedModel(DensityModel):
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 which = call if call == name else f"{call} ({name})"
                 raise UserError(f"{self._where()}: {which} gave shape {got} for a batch "
-                                f"of {batch}; it must give one log-density per image, shape "
+                                f"of {batch}; it must give one value per image, shape "
                                 f"[{batch}] (--input-shape says which shape the module takes)")
             if not value.is_floating_point():
                 raise UserError(f"{self._where()}: {call} ({name}) gave {value.dtype} values; "
@@ -156,7 +172,8 @@ class ImportedModel(DensityModel):
         return dict(out)
 
     def extra_metadata(self) -> dict[str, str]:
-        return {"terms_from": self.source, "input_range": self.config.input_range,
+        return {"class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+                "terms_from": self.source, "input_range": self.config.input_range,
                 "discrete": str(self.config.discrete).lower()}
 
     def _where(self) -> str:
@@ -165,12 +182,17 @@ class ImportedModel(DensityModel):
 
 def wrap_module(module: nn.Module, input_shape: tuple[int, int, int], *,
                 input_range: str = DEFAULT_INPUT_RANGE, discrete: bool = False,
-                module_shape: list[int] | None = None, name: str = "module") -> ImportedModel:
+                module_shape: list[int] | None = None, name: str | None = None) -> ImportedModel:
     """A module already in memory (a notebook's) as the same wrapper, without a file: for
-    the Python API. ``name`` stands for the file in messages. Nothing is hash-checked."""
-    config = ImportedConfig(file=name, factory="", file_sha256="", input_range=input_range,
-                            discrete=discrete, module_shape=module_shape)
-    return ImportedModel(module, config, input_shape).eval()
+    the Python API (``ood_audit.audit``). ``name`` stands for the file in messages (default
+    the module's class). Nothing is hash-checked; the module is put in eval mode."""
+    if not isinstance(module, nn.Module):
+        hint = (" (a zuko flow: pass the flow module, not flow())"
+                if isinstance(module, torch.distributions.Distribution) else "")
+        raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}{hint}")
+    config = ImportedConfig(file=name or type(module).__name__, factory="", file_sha256="",
+                            input_range=input_range, discrete=discrete, module_shape=module_shape)
+    return ImportedModel(module, config, tuple(int(n) for n in input_shape)).eval()
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

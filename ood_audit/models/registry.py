@@ -104,7 +104,7 @@ LOAD_ONLY: dict[str, ModelSpec] = {
         presets={},
         build=build_imported,
         terms="the module's log_prob_terms, a flow library's terms, or log_prob; plus "
-              "logdet_input (D log|a| of --input-range) or dequant_offset (D log 256, --discrete)",
+              "logdet_input (D log|a| of --input-range, when a != 1) or discrete_offset (D log 256, --discrete)",
     ),
 }
 

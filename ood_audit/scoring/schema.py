@@ -20,6 +20,7 @@ processes equals the one scored by one, row for row.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ FIXED_COLUMNS: dict[str, str] = {
 #: Group totals: column -> prefix of the model terms it sums. A model writes a total only
 #: when it has terms with that prefix.
 TERM_GROUPS: dict[str, str] = {"log_pz": "log_pz_level", "logdet": "logdet_level"}
+#: Further members of a group: the per-transform log-dets ``logdet_t{i}_{kind}`` of flows
+#: built with other libraries (:mod:`ood_audit.models.adapters`), so they total ``logdet``.
+GROUP_PATTERNS: dict[str, re.Pattern[str]] = {"logdet": re.compile(r"logdet_t\d+_")}
 
 META_PREFIX = "ood_audit."
 
@@ -160,7 +164,9 @@ def totals_for(terms: list[str]) -> dict[str, list[str]]:
     """Group totals a model's terms give: {"log_pz": [...], "logdet": [...]}, non-empty only."""
     out = {}
     for total, prefix in TERM_GROUPS.items():
-        members = [t for t in terms if t.startswith(prefix)]
+        pattern = GROUP_PATTERNS.get(total)
+        members = [t for t in terms
+                   if t.startswith(prefix) or (pattern is not None and pattern.match(t))]
         if members:
             out[total] = members
     return out

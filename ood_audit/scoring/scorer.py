@@ -140,7 +140,8 @@ InputsFor = Callable[[DensityModel, CheckpointInfo, list[ScoreJob], torch.device
 
 def write_scores(rd: RunDir, cfg: ScoreConfig, *, root: Path | None = None, download: bool = False,
                  notify=print, progress: ScoreProgress | None = None,
-                 inputs_for: InputsFor | None = None) -> list[SetSummary]:
+                 inputs_for: InputsFor | None = None,
+                 loaded: tuple[DensityModel, CheckpointInfo] | None = None) -> list[SetSummary]:
     """Score the sets of ``cfg`` with the run's checkpoint into ``rd.scores`` and return
     per-set summaries: the scoring half of ``ood-audit score`` (the command adds the
     lock, the choice of detectors and the summary of their AUROCs).
@@ -151,6 +152,10 @@ def write_scores(rd: RunDir, cfg: ScoreConfig, *, root: Path | None = None, down
     scores its share of each set (:class:`~.noise.Shard`) into
     ``scores/part-<rank>.parquet``; only the main process reports progress and returns
     summaries (the others return []).
+
+    ``loaded``: a model already in memory with its info (the Python API,
+    :mod:`ood_audit.api`), scored instead of the run's checkpoint; None: load
+    ``rd.model``.
     """
     # under torchrun the rank picks its GPU (cuda:LOCAL_RANK); alone, --device is checked as usual
     ctx = init_distributed(cfg.device if dist_env()[1] > 1 else pick_device(cfg.device))
@@ -162,7 +167,8 @@ def write_scores(rd: RunDir, cfg: ScoreConfig, *, root: Path | None = None, down
     with keeping(lambda: _scores_kept(rd.scores, before)):
         failure: Exception | None = None
         try:
-            model, info = load_checkpoint(rd.model, dev)
+            model, info = (load_checkpoint(rd.model, dev) if loaded is None
+                           else (loaded[0].to(dev), loaded[1]))
             for name, value in cfg.model_options().items():
                 model.set_score_option(name, value)
             jobs = build_jobs(info, cfg.ood, root=root, download=download, limit=cfg.limit,

@@ -13,13 +13,18 @@ The contract, one :class:`Adapter` per library, tried in order (first match wins
   library's own ``log_prob(y)`` (a test checks it per library). Names follow our
   columns: ``log_pz`` for the base distribution, ``logdet_t{i}_{kind}`` per transform
   where the library exposes them (``kind`` a short lower-case layer name), else one
-  ``logdet``.
+  ``logdet``. A multi-scale flow with one base distribution per level (normflows'
+  ``MultiscaleFlow``) uses our Glow's names instead: ``log_pz_level{i}``,
+  ``logdet_level{i}_{kind}``.
 
 The import wrapper adds the change of variables of the input range (``D log|a|``) and the
 discrete offset, so the terms it writes sum to log p(x) of our dequantized x in [0, 1)^D.
 Libraries are optional (``pip install ood-audit[flows]``): an adapter imports its library
 inside ``matches``/``terms`` only, and a module of a library that is not installed simply
 matches no adapter.
+
+One module per library says what it recognises and which terms it writes:
+:mod:`.normflows`, :mod:`.nflows`, :mod:`.zuko`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from . import nflows as _nflows
+from . import normflows as _normflows
+from . import zuko as _zuko
 
 if TYPE_CHECKING:  # torch stays out of start-up (``--help``)
     from torch import Tensor, nn
@@ -40,7 +49,9 @@ class Adapter:
 
 
 #: Registered adapters, tried in order.
-ADAPTERS: list[Adapter] = []
+ADAPTERS: list[Adapter] = [
+    Adapter(m.LIBRARY, m.matches, m.terms) for m in (_normflows, _nflows, _zuko)
+]
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
