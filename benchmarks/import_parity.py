@@ -62,6 +62,12 @@ def train_y0ast(m, images, out: Path, args) -> tuple[torch.nn.Module, list[str]]
     torch.manual_seed(args.seed)
     net = m.Glow((h, w, c), hp["hidden_channels"], hp["K"], hp["L"], 1.0, "invconv", "affine",
                  True, 10, True, False)
+    ckpt = out / f"glow_model_{args.steps}.pth"
+    argv = ["y0ast", str(ckpt), "--hparams", str(out / "hparams.json")]
+    if args.reuse and ckpt.exists():
+        net.load_state_dict(torch.load(ckpt, weights_only=True))
+        net.set_actnorm_init()  # its "inited" flag is not in the state dict
+        return net.eval(), argv
     batches = _batches(images, args.batch, args.steps + 8, args.seed)
     net.train()
     with torch.no_grad():
@@ -77,9 +83,8 @@ def train_y0ast(m, images, out: Path, args) -> tuple[torch.nn.Module, list[str]]
         if i % 20 == 0:
             print(f"y0ast step {i}: {losses[-1]:.3f} bits/dim", file=sys.stderr)
     net.eval()
-    torch.save(net.state_dict(), out / f"glow_model_{args.steps}.pth")
+    torch.save(net.state_dict(), ckpt)
     (out / "hparams.json").write_text(json.dumps(hp, sort_keys=True, indent=4))
-    argv = ["y0ast", str(out / f"glow_model_{args.steps}.pth"), "--hparams", str(out / "hparams.json")]
     return net, argv
 
 
@@ -92,6 +97,11 @@ def train_rosinality(m, images, out: Path, args) -> tuple[torch.nn.Module, list[
     m.AffineCoupling.__init__.__defaults__ = (args.hidden, True)
     torch.manual_seed(args.seed)
     net = torch.nn.DataParallel(m.Glow(c, args.K, args.L, affine=True, conv_lu=True))
+    ckpt = out / f"model_{args.steps:06d}.pt"
+    argv = ["rosinality", str(ckpt), "--n-flow", str(args.K), "--n-block", str(args.L), "--affine"]
+    if args.reuse and ckpt.exists():
+        net.load_state_dict(torch.load(ckpt, weights_only=True))
+        return net.eval(), argv
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     losses = []
     d = math.prod(images.shape[1:])
@@ -110,9 +120,7 @@ def train_rosinality(m, images, out: Path, args) -> tuple[torch.nn.Module, list[
         if i % 20 == 1:
             print(f"rosinality step {i}: {losses[-1]:.3f} bits/dim", file=sys.stderr)
     net.eval()
-    torch.save(net.state_dict(), out / f"model_{args.steps:06d}.pt")
-    argv = ["rosinality", str(out / f"model_{args.steps:06d}.pt"), "--n-flow", str(args.K),
-            "--n-block", str(args.L), "--affine"]
+    torch.save(net.state_dict(), ckpt)
     return net, argv
 
 
@@ -153,19 +161,22 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--limit", type=int, default=2000, help="test images scored")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true",
+                   help="use the checkpoint and scores already in --out (compare again only)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=False)
+    args.out.mkdir(parents=True, exist_ok=args.reuse)
     m = load_model_module(args.port, args.port_dir)
     train = load_dataset(args.data, "train", limit=20000).images
     net, argv = (train_y0ast if args.port == "y0ast" else train_rosinality)(m, train, args.out, args)
     run = args.out / "run"
     cli = [sys.executable, "-m", "ood_audit"]
-    subprocess.run([*cli, "import", *argv, "--data", args.data, "--out", str(run)], check=True)
-    subprocess.run([*cli, "score", str(run), "--ood", "noise-uniform", "--limit", str(args.limit),
-                    "--train-limit", "0"], check=True)
+    if not (args.reuse and (run / "scores").is_dir()):
+        subprocess.run([*cli, "import", *argv, "--data", args.data, "--out", str(run)], check=True)
+        subprocess.run([*cli, "score", str(run), "--ood", "noise-uniform", "--limit",
+                        str(args.limit), "--train-limit", "0"], check=True)
     df, _ = load_run_scores(RunDir(run))
-    ours = df[(df.dataset == args.data) & (df.split == "test") & (df.transform == "none")]
+    ours = df[(df["dataset"] == args.data) & (df["split"] == "test") & (df["transform"] == "none")]
     ours = torch.tensor(ours.sort_values("index")["bpd"].to_numpy())
     images = load_dataset(args.data, "test", limit=args.limit).images
     key = zlib.crc32(f"{args.data}|test|none".encode())
