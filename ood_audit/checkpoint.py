@@ -9,7 +9,6 @@ flag is a buffer, so it travels with the weights and a reload never re-initialis
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import UserError
 from .models.base import DensityModel
-from .models.registry import MODELS, build_model, get_spec
+from .models.registry import build_model, get_spec
 from .parsing import from_dict
+from .provenance import HEADER_KEY, ImportRecord, file_sha256, verify
 from .runs import atomic_path
 
 FORMAT = "ood-audit-checkpoint-1"
@@ -47,9 +47,10 @@ class CheckpointInfo:
 
 def save_checkpoint(
     path: Path, model: DensityModel, *, model_name: str, model_config: Any,
-    run_config: dict, dataset: str, epoch: int,
+    run_config: dict, dataset: str, epoch: int, metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``model``'s weights and metadata atomically (temporary name, then rename)."""
+    """Write ``model``'s weights and metadata atomically (temporary name, then rename).
+    ``metadata``: more header entries (an imported run's record under ``import``)."""
     metadata = {
         "format": FORMAT,
         "model": model_name,
@@ -65,19 +66,12 @@ def save_checkpoint(
         "train.loss_scale": str(run_config.get("train", {}).get("loss_scale", "")),
         "train.max_grad_norm": str(run_config.get("train", {}).get("max_grad_norm", "")),
         **{f"model.{k}": v for k, v in model.extra_metadata().items()},
+        **(metadata or {}),
     }
     # safetensors wants contiguous tensors that share no storage.
     state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -103,14 +97,21 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[DensityModel, CheckpointInfo]:
-    """Rebuild the model from a checkpoint file alone; errors are one-line UserErrors."""
+    """Rebuild the model from a checkpoint file alone; errors are one-line UserErrors.
+
+    A run made by ``ood-audit import`` is refused when a source file it was made from has
+    changed or gone since (:func:`ood_audit.provenance.verify`), before anything is built.
+    """
     path = Path(path)
     meta = read_metadata(path)
     name = meta.get("model", "")
-    if name not in MODELS:
-        raise UserError(f"{path} holds model {name!r}, which this ood-audit does not know "
-                        f"(known: {', '.join(MODELS)}); upgrade ood-audit")
-    spec = get_spec(name)
+    try:
+        spec = get_spec(name)
+    except UserError as exc:
+        raise UserError(f"{path} holds model {name!r}, which this ood-audit cannot load ({exc}); "
+                        "install the plugin that provides it, or upgrade ood-audit") from None
+    if HEADER_KEY in meta:
+        verify(ImportRecord.from_json(meta[HEADER_KEY], str(path)), str(path.parent))
     try:
         model_config = from_dict(spec.config_cls, json.loads(meta["model_config"]),
                                  where=f"{path} model_config")

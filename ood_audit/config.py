@@ -15,11 +15,12 @@ from typing import Any
 from .data.transforms import parse_transforms
 from .errors import UserError
 from .models.fastpath_names import FAST_PATHS
+from .models.input_ranges import DEFAULT_INPUT_RANGE, INPUT_RANGES
 from .parsing import from_dict, load_yaml, require_positive, to_dict
 
 __all__ = ["MAX_SEED", "REPORT_FORMATS", "SECOND_ORDER_CENTERS", "DecomposeConfig", "ReportConfig",
            "RunConfig", "ScoreConfig", "TrainConfig", "from_dict", "keep_every", "load_yaml", "parse_formats",
-           "require_positive", "to_dict", "TrainRequest"]
+           "require_positive", "to_dict", "TrainRequest", "ImportRequest", "IMPORT_KINDS"]
 
 #: Seeds torch.manual_seed accepts without wrapping: 0 .. 2**63 - 1.
 MAX_SEED = 2**63 - 1
@@ -329,3 +330,91 @@ class TrainRequest:
             merged = {**dataclasses.asdict(cfg.train), **overrides}
             cfg.train = from_dict(TrainConfig, merged, where="train options")
         return cfg
+
+
+#: What ``ood-audit import`` reads: a y0ast/Glow-PyTorch or rosinality/glow-pytorch state
+#: dict (data only), or a Python file it runs.
+IMPORT_KINDS = ("y0ast", "rosinality", "python")
+
+
+@dataclass
+class ImportRequest:
+    """The options of ``ood-audit import KIND``; the ones of another kind stay None.
+
+    ``source``: the checkpoint (y0ast, rosinality) or ``FILE.py:FACTORY`` (python).
+    ``input_shape`` (python): the per-image shape the module's ``log_prob`` takes, e.g.
+    ``"784"`` for a flat flow; None: the data's (C, H, W).
+    """
+
+    kind: str
+    source: str
+    data: str
+    out: Path
+    hparams: Path | None = None  # y0ast: the hparams.json its train.py writes
+    n_flow: int | None = None  # rosinality: flows per block (K)
+    n_block: int | None = None  # rosinality: blocks (L)
+    affine: bool = False  # rosinality: affine coupling (its train.py's --affine)
+    lu: bool = True  # rosinality: LU-decomposed 1x1 convs (False: its --no_lu)
+    weights: Path | None = None  # python: a state dict for the module (.safetensors, .pt)
+    input_range: str | None = None  # python: INPUT_RANGES; None: 0,1 (or pixels, --discrete)
+    discrete: bool = False  # python: log_prob takes uint8 pixels, gives log P(k)
+    input_shape: str | None = None  # python: "C,H,W" or "D"
+
+    def __post_init__(self) -> None:
+        if self.kind not in IMPORT_KINDS:
+            raise UserError(f"unknown import kind {self.kind!r}; choose one of {', '.join(IMPORT_KINDS)}")
+        if not str(self.data).strip():
+            raise UserError("--data names the set the model was trained on, e.g. --data fashionmnist")
+        own = {"y0ast": {"hparams"}, "rosinality": {"n_flow", "n_block", "affine", "lu"},
+               "python": {"weights", "input_range", "discrete", "input_shape"}}[self.kind]
+        given = [name for name, unset in (("hparams", None), ("n_flow", None), ("n_block", None),
+                                          ("affine", False), ("lu", True), ("weights", None),
+                                          ("input_range", None), ("discrete", False),
+                                          ("input_shape", None))
+                 if getattr(self, name) != unset and name not in own]
+        if given:
+            flags = ["--no-lu" if g == "lu" else _flag(g) for g in given]
+            raise UserError(f"{', '.join(flags)} do(es) not apply to import {self.kind}")
+        if self.kind == "y0ast" and self.hparams is None:
+            raise UserError("import y0ast needs --hparams hparams.json (the file its train.py "
+                            "writes beside the checkpoints)")
+        if self.kind == "rosinality":
+            for name in ("n_flow", "n_block"):
+                value = getattr(self, name)
+                if value is None or value <= 0:
+                    raise UserError(f"import rosinality needs {_flag(name)} N > 0 (its train.py's "
+                                    f"--{name}), got {value}")
+        if self.kind == "python":
+            self.factory_parts()
+            self.module_shape()
+            if self.discrete and self.input_range is not None:
+                raise UserError("--discrete modules take uint8 pixels 0..255: drop --input-range")
+            if self.input_range is not None and self.input_range not in INPUT_RANGES:
+                raise UserError(f"--input-range {self.input_range!r}: choose one of "
+                                f"{', '.join(INPUT_RANGES)}")
+
+    def factory_parts(self) -> tuple[Path, str]:
+        """``FILE.py:FACTORY`` -> (FILE, FACTORY); a UserError for any other shape."""
+        file, sep, factory = str(self.source).rpartition(":")
+        if not sep or not file or not all(p.isidentifier() for p in factory.split(".")):
+            raise UserError(f"{self.source!r}: give FILE.py:FACTORY, the file to run and the name "
+                            "in it of a function (or class) that returns the module, e.g. "
+                            "flow.py:make_flow")
+        return Path(file), factory
+
+    def module_shape(self) -> list[int] | None:
+        """``--input-shape`` as a list of positive sizes (None when not given)."""
+        if self.input_shape is None:
+            return None
+        try:
+            sizes = [int(p) for p in str(self.input_shape).split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or any(n <= 0 for n in sizes):
+            raise UserError(f"--input-shape {self.input_shape!r}: give positive sizes separated "
+                            "by commas, e.g. 784 (flat) or 1,28,28")
+        return sizes
+
+    @property
+    def resolved_input_range(self) -> str:
+        return self.input_range or DEFAULT_INPUT_RANGE

@@ -70,13 +70,12 @@ def cli_markdown() -> str:
            "error or a fault of the machine, printed as one line saying what to do; 130 "
            "interrupted (Ctrl-C), 143 terminated (SIGTERM).\n"]
     for name, cmd in group.commands.items():
-        visible = [p for p in cmd.params if not getattr(p, "hidden", False)]
-        args = " ".join(f"[{_arg_name(p)}]" if not p.required else _arg_name(p)
-                        for p in visible if p.param_type_name == "argument")
-        out += [f"## ood-audit {name}\n", f"```\nood-audit {name} [OPTIONS] {args}".rstrip() + "\n```\n",
-                _paragraphs(cmd.help or ""),
-                "| argument / option | type | default | what it does |", "|---|---|---|---|",
-                *(_param_row(p) for p in visible), ""]
+        sub = getattr(cmd, "commands", None)
+        if sub:  # a group (ood-audit import KIND): its help, then each command under it
+            out += [f"## ood-audit {name}\n", _paragraphs(cmd.help or "")]
+            out += [line for kind, c in sub.items() for line in _command(f"{name} {kind}", c, "###")]
+        else:
+            out += _command(name, cmd, "##")
     return "\n".join(out)
 
 
@@ -85,6 +84,17 @@ def _published(d) -> str:
     pixelcnn; Ren et al. 2019, table 3)"; "–" when nothing is recorded (yet)."""
     return "; ".join(f"{p.auroc:.2f} ({p.in_dataset} -> {p.ood}, {p.model}; {p.citation})"
                      for p in d.published) or "–"
+
+
+def _command(name: str, cmd, heading: str) -> list[str]:
+    visible = [p for p in cmd.params if not getattr(p, "hidden", False)]
+    args = " ".join(f"[{_arg_name(p)}]" if not p.required else _arg_name(p)
+                    for p in visible if p.param_type_name == "argument")
+    return [f"{heading} ood-audit {name}\n",
+            f"```\nood-audit {name} [OPTIONS] {args}".rstrip() + "\n```\n",
+            _paragraphs(cmd.help or ""),
+            "| argument / option | type | default | what it does |", "|---|---|---|---|",
+            *(_param_row(p) for p in visible), ""]
 
 
 def detectors_markdown() -> str:

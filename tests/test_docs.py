@@ -33,9 +33,12 @@ def test_docs_name_every_command_option_and_detector():
     cli = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     for name, cmd in typer.main.get_command(app).commands.items():
         assert f"## ood-audit {name}" in cli
-        for p in cmd.params:
-            if p.param_type_name == "option" and not p.hidden:
-                assert f"`{p.opts[0]}`" in cli, (name, p.opts)
+        subcommands = getattr(cmd, "commands", {}) or {}  # ood-audit import KIND
+        for sub_name, command in [(name, cmd), *((f"{name} {k}", c) for k, c in subcommands.items())]:
+            assert f"## ood-audit {sub_name}" in cli
+            for p in command.params:
+                if p.param_type_name == "option" and not p.hidden:
+                    assert f"`{p.opts[0]}`" in cli, (sub_name, p.opts)
     detectors = (ROOT / "docs" / "detectors.md").read_text(encoding="utf-8")
     for name, det in DETECTORS.items():
         assert f"## `{name}`" in detectors and det.paper.split(",")[0] in detectors

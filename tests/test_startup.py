@@ -37,7 +37,8 @@ def probe(*argv: str) -> tuple[int, list[str], str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["score", "--help"], ["train", "--help"],
                                   ["decompose", "--help"], ["report", "--help"],
-                                  ["run", "--help"], ["--version"]])
+                                  ["run", "--help"], ["--version"], ["import", "--help"],
+                                  ["import", "python", "--help"], ["models", "--help"]])
 def test_help_loads_no_heavy_module(argv):
     code, heavy, _ = probe(*argv)
     assert code == 0
@@ -49,7 +50,10 @@ def test_help_loads_no_heavy_module(argv):
                                   # checked by the config dataclasses, before the library
                                   ["score", "--ood", "mnist", "--limit", "0"],
                                   ["report", "--format", "pdf"], ["train", "--seeds", "1",
-                                                                  "--background"]])
+                                                                  "--background"],
+                                  ["import", "python", "mod.py", "--data", "mnist", "--out", "o"],
+                                  ["import", "rosinality", "c.pt", "--n-flow", "0", "--n-block",
+                                   "1", "--data", "mnist", "--out", "o"]])
 def test_argument_errors_load_no_heavy_module(argv):
     code, heavy, err = probe(*argv)
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err

@@ -21,7 +21,17 @@ from .. import __version__
 from ..errors import GateFailed, Interrupted, SaidByRankZero, UserError
 from ..faults import describe as describe_fault
 from ..torchrun_env import dist_env
-from . import decompose_cmd, fetch_cmd, render, report_cmd, run_cmd, score_cmd, train_cmd
+from . import (
+    decompose_cmd,
+    fetch_cmd,
+    import_cmd,
+    models_cmd,
+    render,
+    report_cmd,
+    run_cmd,
+    score_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="ood-audit",
@@ -33,7 +43,9 @@ app = typer.Typer(
         "  ood-audit score --ood mnist --ood noise-uniform\n\n"
         "  ood-audit decompose\n\n"
         "  ood-audit report --gate 'mnist:auroc>=0.9'\n\n"
-        "Or all four from one YAML: ood-audit run examples/paper/fashionmnist_vs_mnist.yaml"
+        "Or all four from one YAML: ood-audit run examples/paper/fashionmnist_vs_mnist.yaml\n\n"
+        "To audit a model trained elsewhere, make its run with ood-audit import (a y0ast or "
+        "rosinality Glow checkpoint, or any torch module from a Python file)"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -63,6 +75,8 @@ app.command("decompose")(decompose_cmd.decompose)
 app.command("report")(report_cmd.report)
 app.command("run")(run_cmd.run)
 app.command("fetch")(fetch_cmd.fetch)
+app.add_typer(import_cmd.app, name="import")
+app.command("models")(models_cmd.models)
 
 
 def _rank() -> int:

@@ -19,7 +19,7 @@ from ..config import REPORT_FORMATS, SECOND_ORDER_CENTERS
 from ..data.registry import DATASETS
 from ..data.transforms import TRANSFORMS
 from ..errors import UserError
-from ..models.catalog import MODEL_FAMILIES
+from ..models.catalog import family_summaries
 from ..models.fastpath_names import FAST_PATHS
 from ..report.gates import GATE_METRICS
 
@@ -71,7 +71,7 @@ def fast_paths(**flags: bool) -> list[str]:
 
 
 # ------------------------------------------------------------------ train
-MODEL_HELP = "Model family. " + "; ".join(f"{n}: {s}" for n, s in MODEL_FAMILIES.items()) + "."
+MODEL_HELP = "Model family. " + "; ".join(f"{n}: {s}" for n, s in family_summaries().items()) + "."
 DATA_HELP = ("Data set name, or a path to a .npy/.npz array (N,H,W[,C] uint8) or a folder of "
              f"images. Names: {', '.join(DATASETS)}.")
 ModelOpt = Annotated[str | None, typer.Option(

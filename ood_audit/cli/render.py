@@ -251,6 +251,32 @@ def reported(result, *, files: bool = True) -> None:
         line("wrote " + ", ".join(str(p) for p in result.files.values()))
 
 
+def imported(result) -> None:
+    """What ``import`` made (:class:`~ood_audit.commands.import_model.ImportResult`)."""
+    rec = result.record
+    out.print(f"[bold]imported[/] {rec.kind} {escape(rec.sources[0].path)} as {result.model} "
+              f"({result.terms_from}) -> {escape(str(result.run))}", highlight=False)
+    for src in rec.sources:
+        line(f"  {src.role}: {src.path} (sha256 {src.sha256[:16]}...)")
+    line(f"  declared training set {rec.data}, images {'x'.join(map(str, rec.input_shape))}, "
+         f"input range {'uint8 pixels (discrete)' if rec.discrete else rec.input_range}")
+    line(f"  terms: {', '.join(result.terms)}")
+    line(f"  check: mean {result.mean_bpd:.3f} bits/dim on the first {result.n_checked} "
+         f"{rec.data} test images; next: ood-audit score {result.run} --ood mnist")
+
+
+def models_listed(rows) -> None:
+    """The model families (:class:`~ood_audit.commands.models.FamilyRow`) as a table."""
+    table = RichTable(title="model families (ood-audit train --model NAME; presets: --preset)",
+                      title_justify="left", header_style="bold")
+    for col in ("family", "summary", "presets", "terms written", "from"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(escape(r.name), escape(r.summary), escape(", ".join(r.presets) or "-"),
+                      escape(r.terms), escape(r.origin), style="red" if r.error else None)
+    out.print(table)
+
+
 #: How ``ood-audit run`` shows each step's result (files are said once, at the end).
 STEP_PRINTERS = {
     "train": lambda r: [line(f"trained {o.config.model} -> {o.run_dir}: test bits/dim "

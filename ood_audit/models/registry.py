@@ -3,6 +3,11 @@
 Each entry knows its config dataclass, its presets, fixed settings that define the
 family (``glow-cv`` is Glow with additive coupling), and how to build the model for an
 input shape.
+
+Two more kinds of family are found by :func:`get_spec`: those other packages register
+through the entry-point group ``ood_audit.models`` (:mod:`.plugins`; trained like the
+built-in ones), and :data:`LOAD_ONLY`, families a checkpoint can hold that ``train``
+does not train (``imported``: a module from ``ood-audit import python``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from .catalog import MODEL_FAMILIES
 from .glow import GLOW_PRESETS, Glow, GlowConfig, fit_levels
 from .glow_convert import GLOW_ARCH, upgrade_arch1
 from .hvae import HVAE, HVAE_PRESETS, HVAEConfig
+from .imported import ImportedConfig, build_imported
 from .pixelcnn import PIXELCNN_PRESETS, PixelCNN, PixelCNNConfig, fit_resolutions
+from .plugins import load_plugins
 from .vae import VAE, VAE_PRESETS, VAEConfig
 
 
@@ -40,6 +47,9 @@ class ModelSpec:
     #: (config, state dict, input shape, where) of an arch-1 checkpoint -> today's
     #: (config, state dict) computing the same function; None: older ones are refused
     upgrade: Callable[..., tuple[Any, dict]] | None = None
+    #: the terms the family writes, in words, for ``ood-audit models``; None: read off a
+    #: model of its smallest preset
+    terms: str | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -93,11 +103,43 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+#: Families a checkpoint can hold that ``ood-audit train`` does not train.
+LOAD_ONLY: dict[str, ModelSpec] = {
+    "imported": ModelSpec(
+        name="imported",
+        summary="a torch module from ood-audit import python FILE.py:FACTORY (rebuilt from "
+                "its file, sha256-checked)",
+        config_cls=ImportedConfig,
+        presets={},
+        build=build_imported,
+        terms="the module's log_prob_terms, a flow library's terms, or log_prob; plus "
+              "logdet_input (D log|a| of --input-range, when a != 1) or discrete_offset (D log 256, --discrete)",
+    ),
+}
+
+
+def plugin_specs() -> tuple[dict[str, ModelSpec], dict[str, str]]:
+    """({name: spec} of the plugin families that load, {name: why not} of the others)."""
+    return load_plugins(ModelSpec, set(MODELS) | set(LOAD_ONLY))
+
+
+def trainable_specs() -> dict[str, ModelSpec]:
+    """The families ``ood-audit train`` trains: the built-in ones, then the plugins'."""
+    return {**MODELS, **plugin_specs()[0]}
+
+
 def get_spec(name: str) -> ModelSpec:
-    try:
+    """The family ``name``: built-in, a plugin's, or load-only; else a one-line UserError."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+    if name in LOAD_ONLY:
+        return LOAD_ONLY[name]
+    plugins, errors = plugin_specs()
+    if name in plugins:
+        return plugins[name]
+    if name in errors:
+        raise UserError(errors[name])
+    raise UserError(f"unknown model {name!r}; choose one of: {', '.join([*MODELS, *plugins])}")
 
 
 def model_settings(name: str, preset: str, config: Any = None) -> Any:
@@ -105,6 +147,9 @@ def model_settings(name: str, preset: str, config: Any = None) -> Any:
     overrides, or a config of the family), then the family's fixed settings; the one place
     a run's ``model_config`` is checked (:class:`~ood_audit.config.RunConfig` calls it)."""
     spec = get_spec(name)
+    if name in LOAD_ONLY:
+        raise UserError(f"model {name!r} is not trained by ood-audit: it is what ood-audit import "
+                        f"python makes; train one of: {', '.join(trainable_specs())}")
     if preset not in spec.presets:
         raise UserError(
             f"model {name!r} has no preset {preset!r}; choose one of: {', '.join(spec.presets)}"
