@@ -44,8 +44,17 @@ def test_glow_kernels_take_channels_last_and_grads_match_exactly(batch):
 
 
 def test_nchw_models_keep_their_layout():
-    model = _model("vae")
+    model = _model("pixelcnn")
     assert model.activation_memory_format() is torch.contiguous_format
+    assert kernels_to(model, model.activation_memory_format()) == 0
+
+
+def test_the_vae_lays_its_kernels_out_like_its_cpu_activations():
+    # the VAE's decoder runs channels-last on CPU (oneDNN's transposed convolutions), so
+    # DDP must move its kernels too, and a second pass finds nothing left to move
+    model = _model("vae")
+    assert model.activation_memory_format() is torch.channels_last
+    assert kernels_to(model, model.activation_memory_format()) > 0
     assert kernels_to(model, model.activation_memory_format()) == 0
 
 
