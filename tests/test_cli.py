@@ -127,3 +127,22 @@ def test_python_dash_m(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ood_audit", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "score" in result.stdout
+
+
+def test_progress_off_a_terminal_is_a_plain_line_now_and_then(monkeypatch, capsys):
+    # CI logs have no terminal: a long scoring job (likelihood regret) must still say it moves
+    from ood_audit.cli import render
+
+    monkeypatch.setattr(render.CountBar, "LINE_EVERY_S", 0.0)
+    with render.CountBar() as bar:
+        bar.start("mnist (test)", 30)
+        bar.advance(10, images_per_s=2.5)
+        bar.advance(10)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["mnist (test): 10/30, 2.5 img/s", "mnist (test): 20/30"]
+
+    monkeypatch.setattr(render.CountBar, "LINE_EVERY_S", 3600.0)
+    with render.CountBar() as bar:
+        bar.start("mnist (test)", 30)
+        bar.advance(30)
+    assert capsys.readouterr().err.strip() == ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -100,13 +101,18 @@ class TrainBar:
 
 class CountBar:
     """One bar per set: images scored (:class:`~ood_audit.scoring.scorer.ScoreProgress`)
-    or Hessian-vector products done (``SecondOrderProgress``). A context manager."""
+    or Hessian-vector products done (``SecondOrderProgress``). A context manager. Off a
+    terminal (CI logs) a plain line every ``LINE_EVERY_S`` seconds instead, so a long
+    job (likelihood regret re-fits an encoder per image) still shows it is moving."""
+
+    LINE_EVERY_S = 30.0
 
     def __init__(self) -> None:
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
                             console=err, transient=True, disable=not err.is_terminal)
         self.task = None
+        self.label, self.total, self.done, self.last_line = "", 0, 0, time.monotonic()
 
     def __enter__(self) -> CountBar:
         self.bar.__enter__()
@@ -119,6 +125,7 @@ class CountBar:
         if self.task is not None:
             self.bar.update(self.task, visible=False)
         self.task = self.bar.add_task(label, total=total, rate="-")
+        self.label, self.total, self.done = label, total, 0
 
     def set_start(self, job, n_images: int) -> None:
         self.start(f"{job.images.name} ({job.images.split})", n_images)
@@ -126,6 +133,11 @@ class CountBar:
     def advance(self, n: int, images_per_s: float | None = None) -> None:
         self.bar.update(self.task, advance=n,
                         **({} if images_per_s is None else {"rate": f"{images_per_s:.0f}"}))
+        self.done += n
+        if not err.is_terminal and time.monotonic() - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = time.monotonic()
+            rate = "" if images_per_s is None else f", {images_per_s:.3g} img/s"
+            err.print(f"{self.label}: {self.done:,}/{self.total:,}{rate}", highlight=False)
 
 
 # ---------------------------------------------------------------- results
