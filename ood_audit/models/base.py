@@ -64,6 +64,21 @@ class DensityModel(nn.Module):
         return {}
 
 
+class ImportanceWeighted(DensityModel):
+    """A latent-variable model scored by a K-sample importance-weighted bound (the VAE,
+    the hierarchical VAE): K is its one scoring option, ``iw_samples``."""
+
+    iw_samples: int
+
+    def set_score_option(self, name: str, value: object) -> None:
+        """``iw_samples``: K of the importance-weighted bound(s) (a positive int)."""
+        if name != "iw_samples":
+            super().set_score_option(name, value)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"iw_samples must be a positive integer, got {value!r}")
+        self.iw_samples = value
+
+
 def sum_terms(terms: dict[str, Tensor]) -> Tensor:
     """Sum named ``[B]`` terms into log p(x); the one place the sum is written."""
     values = list(terms.values())

@@ -59,8 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UserError
-from .base import DensityModel
+from .base import ImportanceWeighted
 from .discretized import (
     N_LEVELS,
     discretized_mix_logistic_log_prob,
@@ -170,7 +169,7 @@ def _blocks(n: int, channels: int) -> nn.Sequential:
     return nn.Sequential(*(ResBlock(channels) for _ in range(n)))
 
 
-class HVAE(DensityModel):
+class HVAE(ImportanceWeighted):
     """Ladder VAE over x in [0, 1)^D, shape ``[B, C, H, W]`` (module docstring)."""
 
     def __init__(self, config: HVAEConfig, input_shape: tuple[int, int, int]):
@@ -371,14 +370,6 @@ class HVAE(DensityModel):
         """Each layer's KL (one draw), bottom first, ``[B]`` each: the nats each layer
         carries; a collapsed layer carries ~0."""
         return self._one_draw(self._pixels(x))[1]
-
-    def set_score_option(self, name: str, value: object) -> None:
-        """``iw_samples``: K of the IWAE bound and of each L^>k (a positive int)."""
-        if name != "iw_samples":
-            super().set_score_option(name, value)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"iw_samples must be a positive integer, got {value!r}")
-        self.iw_samples = value
 
     def extra_metadata(self) -> dict[str, str]:
         return {"iw_samples": str(self.iw_samples), "decoder": "discretized_logistic_mixture",

@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
-from .base import DensityModel
+from .base import ImportanceWeighted
 from .discretized import (
     N_LEVELS,
     discretized_mix_logistic_log_prob,
@@ -91,7 +90,7 @@ def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     return (-0.5 * ((z - mean) * torch.exp(-log_std)) ** 2 - log_std - 0.5 * LOG_2PI).sum(-1)
 
 
-class VAE(DensityModel):
+class VAE(ImportanceWeighted):
     """Conv encoder -> q(z | x) = N(mu, sigma^2); z -> deconv decoder -> per-pixel
     discretized logistic mixture. Input x in [0, 1)^D, shape ``[B, C, H, W]``."""
 
@@ -201,14 +200,6 @@ class VAE(DensityModel):
     def elbo(self, x: Tensor) -> Tensor:
         """The analytic-KL ELBO + D log 256, one z per image: for monitoring and tests."""
         return -self.training_loss(x)
-
-    def set_score_option(self, name: str, value: object) -> None:
-        """``iw_samples``: K of the IWAE bound (a positive int)."""
-        if name != "iw_samples":
-            super().set_score_option(name, value)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"iw_samples must be a positive integer, got {value!r}")
-        self.iw_samples = value
 
     def extra_metadata(self) -> dict[str, str]:
         return {"iw_samples": str(self.iw_samples), "decoder": "discretized_logistic_mixture",
