@@ -308,3 +308,19 @@ def test_trained_run_scores_its_terms_skip_bounds_and_llr_k(tmp_path, tiny_data,
     assert np.isfinite(df[["log_px_skip1", "log_px_skip2"]]).all().all()
     assert "score_llr-k" in df.columns and meta.extra["llr_k"] in ("1", "2")
     assert meta.extra["model.latents"] == "2,4,4"
+
+
+@pytest.mark.parametrize("family", ["vae", "hvae"])
+def test_iw_samples_is_the_one_scoring_option_of_both_vaes(family):
+    from ood_audit.models.registry import build_model, resolve_model_config
+
+    config, _ = resolve_model_config(family, "tiny", {}, (1, 8, 8))
+    model = build_model(family, config, (1, 8, 8))
+    model.set_score_option("iw_samples", 3)
+    assert model.iw_samples == 3
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(UserError, match="iw_samples must be a positive integer"):
+            model.set_score_option("iw_samples", bad)
+    with pytest.raises(UserError, match="no scoring option 'temperature'"):
+        model.set_score_option("temperature", 1.0)
+    assert model.iw_samples == 3
