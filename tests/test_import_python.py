@@ -323,3 +323,27 @@ def test_the_documented_example_module_fits_and_imports(in_tmp, capsys):
                           "--out", "runs/pg"], capsys)
     assert code == 0, err
     assert "log_prob, logdet_input" in out
+
+
+def test_a_full_disk_while_importing_leaves_no_run_and_the_retry_works(in_tmp, tiny_data, capsys,
+                                                                       monkeypatch):
+    import errno
+
+    from ood_audit.commands import import_model as import_cmd
+
+    src = module_file(in_tmp, GAUSS)
+    real_save = import_cmd.save_checkpoint
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(import_cmd, "save_checkpoint", full_disk)
+    argv = ["import", "python", f"{src}:make", "--data", tiny_data, "--out", "runs/g"]
+    code, _, err = cli(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no space left on device" in err.lower(), err
+    assert not (in_tmp / "runs" / "g").exists()  # no folder, no lock, no temporary
+    monkeypatch.setattr(import_cmd, "save_checkpoint", real_save)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    assert RunDir(in_tmp / "runs" / "g").model.exists()

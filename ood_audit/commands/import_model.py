@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,22 @@ def import_model(req: ImportRequest, *, data_root: Path | None = None, download:
         input_range=built.model.config.input_range if isinstance(built.model, ImportedModel)
         else "-0.5,0.5", discrete=req.discrete, model=built.family, options=built.options,
         version=__version__)
-    with run_lock(rd, "ood-audit import"):
-        _check_new(rd)  # again under the lock: another import may have finished meanwhile
-        save_checkpoint(rd.model, built.model, model_name=built.family, model_config=built.config,
-                        run_config={"model": built.family, "data": req.data,
-                                    "import": dataclasses.asdict(record)},
-                        dataset=req.data, epoch=0, metadata={HEADER_KEY: record.to_json()})
-        atomic_write_text(rd.root / IMPORT_FILE, record.to_json())
+    created = not rd.root.exists()
+    try:
+        with run_lock(rd, "ood-audit import"):
+            _check_new(rd)  # again under the lock: another import may have finished meanwhile
+            save_checkpoint(rd.model, built.model, model_name=built.family,
+                            model_config=built.config,
+                            run_config={"model": built.family, "data": req.data,
+                                        "import": dataclasses.asdict(record)},
+                            dataset=req.data, epoch=0, metadata={HEADER_KEY: record.to_json()})
+            atomic_write_text(rd.root / IMPORT_FILE, record.to_json())
+    except BaseException:
+        # a write that failed (a full disk, Ctrl-C) leaves no half run behind: the folder
+        # this import made goes, so the same command works once the fault is fixed
+        if created:
+            shutil.rmtree(rd.root, ignore_errors=True)
+        raise
     set_latest(rd.root, runs_root)
     mean_bpd = float(bits_per_dim(log_px, math.prod(shape)).mean())
     return ImportResult(rd.root, record, built.family, terms, built.terms_from, mean_bpd, len(x))
