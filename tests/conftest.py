@@ -54,3 +54,21 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
                                       warmup_steps=5, device="cpu"))
     outcome = train_run(cfg, root / "run", runs_root=root, log=lambda m: None)
     return outcome.run_dir
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run the console-script entry in-process: (exit code, stdout, stderr)."""
+    from ood_audit.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """The test's own folder as the working directory (runs/latest lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+

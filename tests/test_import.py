@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from ood_audit.analysis.tables import load_run_scores
 from ood_audit.checkpoint import load_checkpoint
-from ood_audit.cli.app import main
 from ood_audit.data.registry import load_dataset
 from ood_audit.models.glow import Glow, GlowConfig
 from ood_audit.provenance import IMPORT_FILE
@@ -41,18 +41,8 @@ HPARAMS = {"K": K, "L": L, "hidden_channels": HIDDEN, "flow_coupling": "affine",
            "dataset": "cifar10", "seed": 0}  # and the rest of its train.py's arguments
 
 
-def cli(argv, capsys):
-    """Run the console-script entry in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 # ------------------------------------------------------------ y0ast layout, no clone
@@ -119,7 +109,7 @@ def y0ast_files(tmp_path):
 
 def test_a_y0ast_checkpoint_is_audited_end_to_end(in_tmp, y0ast_files, tiny_data, tiny_ood, capsys):
     model, ckpt, hparams = y0ast_files
-    code, out, err = cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
+    code, out, err = run_cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
                           "--out", "runs/y0"], capsys)
     assert code == 0, err
     assert "imported y0ast" in out and "as glow" in out
@@ -135,7 +125,7 @@ def test_a_y0ast_checkpoint_is_audited_end_to_end(in_tmp, y0ast_files, tiny_data
     for argv in (["score", "runs/y0", "--ood", tiny_ood, "--ood", "noise-uniform", "--limit", "64",
                   "--train-limit", "32"], ["decompose", "runs/y0"],
                  ["report", "runs/y0", "--n-boot", "0", "--gate", "noise-uniform:auroc>=0"]):
-        code, out, err = cli(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert code == 0, (argv, err)
     df, meta = load_run_scores(RunDir(in_tmp / "runs/y0"))
     assert meta.model == "glow" and "log_pz_level1" in meta.terms
@@ -146,23 +136,23 @@ def test_a_changed_or_missing_source_is_refused_by_every_command_that_loads_the_
         in_tmp, y0ast_files, tiny_data, capsys):
     _, ckpt, hparams = y0ast_files
     score = ["score", "runs/y0", "--ood", "noise-uniform", "--limit", "16", "--train-limit", "8"]
-    assert cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
+    assert run_cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
                 "--out", "runs/y0"], capsys)[0] == 0
-    assert cli(score, capsys)[0] == 0
+    assert run_cli(score, capsys)[0] == 0
     scores = sorted((in_tmp / "runs/y0/scores").iterdir())
     before = [p.read_bytes() for p in scores]
     original = hparams.read_bytes()
     hparams.write_text(json.dumps({**HPARAMS, "lr": 0.001}))  # any byte counts
     for argv in (score, ["decompose", "runs/y0", "--second-order", "--second-order-limit", "8"]):
-        code, _, err = cli(argv, capsys)
+        code, _, err = run_cli(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "has changed since" in err and str(hparams.resolve()) in err, err
     assert [p.read_bytes() for p in scores] == before  # the scores were left as they were
     hparams.write_bytes(original)
-    code, _, err = cli(score, capsys)
+    code, _, err = run_cli(score, capsys)
     assert code == 0, err
     ckpt.rename(ckpt.with_suffix(".moved"))
-    code, _, err = cli(score, capsys)
+    code, _, err = run_cli(score, capsys)
     assert code == 2 and "which is gone" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -204,13 +194,13 @@ def test_bad_checkpoints_and_options_are_one_line_exit_2_and_write_nothing(
     }
     for why, argv in cases.items():
         extra = [] if "--data" in argv else ["--data", tiny_data]
-        code, out, err = cli([*argv, *extra, "--out", "runs/bad"], capsys)
+        code, out, err = run_cli([*argv, *extra, "--out", "runs/bad"], capsys)
         assert code == 2, (why, out, err)
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, (why, err)
         assert not (in_tmp / "runs").exists(), why  # nothing written, not even runs/latest
-    assert cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
+    assert run_cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
                 "--out", "runs/ok"], capsys)[0] == 0
-    code, _, err = cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
+    code, _, err = run_cli(["import", "y0ast", ckpt, "--hparams", hparams, "--data", tiny_data,
                         "--out", "runs/ok"], capsys)
     assert code == 2 and "already holds a run" in err
 
@@ -254,9 +244,9 @@ def test_a_y0ast_model_built_by_the_port_scores_its_own_bits_per_dim(in_tmp, tin
     net.eval()
     torch.save(net.state_dict(), in_tmp / "glow_model_1.pth")
     (in_tmp / "hparams.json").write_text(json.dumps(HPARAMS))
-    assert cli(["import", "y0ast", in_tmp / "glow_model_1.pth", "--hparams", in_tmp / "hparams.json",
+    assert run_cli(["import", "y0ast", in_tmp / "glow_model_1.pth", "--hparams", in_tmp / "hparams.json",
                 "--data", tiny_data, "--out", "runs/y0"], capsys)[0] == 0
-    code, _, err = cli(["score", "runs/y0", "--ood", "noise-uniform", "--train-limit", "0"], capsys)
+    code, _, err = run_cli(["score", "runs/y0", "--ood", "noise-uniform", "--train-limit", "0"], capsys)
     assert code == 0, err
     x, d = _same_images(str(tiny_data)), math.prod(SHAPE)
     with torch.no_grad():  # the port's forward without the noise it adds itself
@@ -279,9 +269,9 @@ def test_a_rosinality_model_built_by_the_port_scores_its_own_bits_per_dim(in_tmp
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.save(net.state_dict(), in_tmp / "model_000001.pt")
-    assert cli(["import", "rosinality", in_tmp / "model_000001.pt", "--n-flow", K, "--n-block", L,
+    assert run_cli(["import", "rosinality", in_tmp / "model_000001.pt", "--n-flow", K, "--n-block", L,
                 "--affine", "--data", tiny_data, "--out", "runs/r"], capsys)[0] == 0
-    code, _, err = cli(["score", "runs/r", "--ood", "noise-uniform", "--train-limit", "0"], capsys)
+    code, _, err = run_cli(["score", "runs/r", "--ood", "noise-uniform", "--train-limit", "0"], capsys)
     assert code == 0, err
     x, d = _same_images(str(tiny_data)), math.prod(SHAPE)
     with torch.no_grad():

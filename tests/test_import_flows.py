@@ -12,10 +12,10 @@ import zlib
 
 import pytest
 import torch
+from conftest import run_cli
 
 from ood_audit.analysis.tables import load_run_scores
 from ood_audit.checkpoint import load_checkpoint
-from ood_audit.cli.app import main
 from ood_audit.data.registry import load_dataset
 from ood_audit.runs import RunDir
 from ood_audit.scoring.noise import dequantized_chunks
@@ -53,11 +53,6 @@ FLOWS = {
 }
 
 
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("library", list(FLOWS))
@@ -72,10 +67,10 @@ def test_an_imported_flow_scores_the_librarys_own_log_prob(library, tmp_path, mo
             "--out", "runs/f"]
     if library != "zuko":  # zuko's adapter flattens images itself; the others take [B, 64]
         argv += ["--input-shape", "64"]
-    code, out, err = cli(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     assert f"adapter:{library}" in out
-    code, _, err = cli(["score", "runs/f", "--ood", "noise-uniform", "--limit", "24",
+    code, _, err = run_cli(["score", "runs/f", "--ood", "noise-uniform", "--limit", "24",
                         "--train-limit", "0"], capsys)
     assert code == 0, err
     df, meta = load_run_scores(RunDir(tmp_path / "runs/f"))

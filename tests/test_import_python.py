@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 
 from ood_audit.analysis.tables import load_run_scores
 from ood_audit.checkpoint import load_checkpoint
-from ood_audit.cli.app import main
 from ood_audit.models.imported import DISCRETE_TERM, INPUT_TERM, ImportedModel
 from ood_audit.runs import RunDir
 
@@ -48,17 +48,8 @@ def make():
 """
 
 
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def module_file(folder, body: str, name: str = "mod.py"):
@@ -83,7 +74,7 @@ def gauss_log_prob(y, mean=0.0, log_std=-0.5):
 def test_the_input_range_is_a_change_of_variables_with_its_own_term(in_tmp, tiny_data, capsys,
                                                                       input_range, a, b):
     src = module_file(in_tmp, GAUSS)
-    code, out, err = cli(["import", "python", f"{src}:make", "--input-range", input_range,
+    code, out, err = run_cli(["import", "python", f"{src}:make", "--input-range", input_range,
                           "--data", tiny_data, "--out", "runs/g"], capsys)
     assert code == 0, err
     model = imported(in_tmp / "runs/g")
@@ -94,7 +85,7 @@ def test_the_input_range_is_a_change_of_variables_with_its_own_term(in_tmp, tiny
     if a != 1:  # the change of variables, a term of its own; none when it is zero
         torch.testing.assert_close(terms[INPUT_TERM], torch.full((5,), D * math.log(a)))
     assert (INPUT_TERM in terms) == (a != 1)
-    code, _, err = cli(["score", "runs/g", "--ood", "noise-uniform", "--limit", "32",
+    code, _, err = run_cli(["score", "runs/g", "--ood", "noise-uniform", "--limit", "32",
                         "--train-limit", "16"], capsys)
     assert code == 0, err
     df, meta = load_run_scores(RunDir(in_tmp / "runs/g"))
@@ -112,7 +103,7 @@ def test_a_plain_module_file_is_audited_end_to_end(in_tmp, tiny_data, tiny_ood, 
              ["decompose", "runs/g"],
              ["report", "runs/g", "--n-boot", "0", "--gate", "noise-uniform:auroc>=0"]]
     for argv in steps:
-        code, out, err = cli(argv, capsys)
+        code, out, err = run_cli(argv, capsys)
         assert code == 0, (argv, err)
     assert (in_tmp / "runs/g/report/summary.json").exists()
     assert (in_tmp / "runs/g/decomposition.parquet").exists()
@@ -126,7 +117,7 @@ def test_weights_are_read_as_data_and_a_changed_file_or_weights_file_is_refused(
     torch.save(state, in_tmp / "w.pt")
     for weights in ("w.safetensors", "w.pt"):
         run = in_tmp / f"runs/{weights}"
-        code, _, err = cli(["import", "python", f"{src}:make", "--weights", weights,
+        code, _, err = run_cli(["import", "python", f"{src}:make", "--weights", weights,
                             "--data", tiny_data, "--out", run], capsys)
         assert code == 0, err
         x = torch.rand(3, 1, 8, 8)
@@ -137,12 +128,12 @@ def test_weights_are_read_as_data_and_a_changed_file_or_weights_file_is_refused(
              "--train-limit", "0"]
     original = (in_tmp / "w.pt").read_bytes()
     torch.save({k: v + 1 for k, v in state.items()}, in_tmp / "w.pt")
-    code, _, err = cli(score, capsys)
+    code, _, err = run_cli(score, capsys)
     assert code == 2 and "has changed since" in err and "w.pt" in err, err
     (in_tmp / "w.pt").write_bytes(original)
-    assert cli(score, capsys)[0] == 0
+    assert run_cli(score, capsys)[0] == 0
     src.write_text(src.read_text() + "\nraise SystemExit('this must not run')\n")
-    code, _, err = cli(score, capsys)
+    code, _, err = run_cli(score, capsys)
     assert code == 2 and "has changed since" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -160,10 +151,10 @@ def test_discrete_modules_take_uint8_pixels_and_get_d_log_256(in_tmp, tiny_data,
                 assert k.dtype == torch.uint8, k.dtype
                 return torch.full((len(k),), -k[0].numel() * math.log(256.0))
         """)
-    code, _, err = cli(["import", "python", f"{src}:Uniform", "--discrete", "--data", tiny_data,
+    code, _, err = run_cli(["import", "python", f"{src}:Uniform", "--discrete", "--data", tiny_data,
                         "--out", "runs/u"], capsys)
     assert code == 0, err
-    code, _, err = cli(["score", "runs/u", "--ood", "noise-uniform", "--limit", "16",
+    code, _, err = run_cli(["score", "runs/u", "--ood", "noise-uniform", "--limit", "16",
                         "--train-limit", "0"], capsys)
     assert code == 0, err
     df, meta = load_run_scores(RunDir(in_tmp / "runs/u"))
@@ -178,7 +169,7 @@ def test_discrete_modules_take_uint8_pixels_and_get_d_log_256(in_tmp, tiny_data,
             def log_prob(self, k):
                 return torch.full((len(k),), 5.0)
         """, "dense.py")
-    code, _, err = cli(["import", "python", f"{dense}:Dense", "--discrete", "--data", tiny_data,
+    code, _, err = run_cli(["import", "python", f"{dense}:Dense", "--discrete", "--data", tiny_data,
                         "--out", "runs/d"], capsys)
     assert code == 2 and "drop --discrete" in err, err
 
@@ -203,10 +194,10 @@ def test_the_modules_own_terms_become_columns_in_its_own_shape(in_tmp, tiny_data
             def log_prob(self, y):
                 return sum(self.log_prob_terms(y).values())
         """)
-    code, _, err = cli(["import", "python", f"{src}:Flat", "--input-shape", "64", "--data", tiny_data,
+    code, _, err = run_cli(["import", "python", f"{src}:Flat", "--input-shape", "64", "--data", tiny_data,
                         "--out", "runs/f"], capsys)
     assert code == 0, err
-    assert cli(["score", "runs/f", "--ood", "noise-uniform", "--limit", "8", "--train-limit", "0"],
+    assert run_cli(["score", "runs/f", "--ood", "noise-uniform", "--limit", "8", "--train-limit", "0"],
                capsys)[0] == 0
     df, meta = load_run_scores(RunDir(in_tmp / "runs/f"))
     assert meta.terms == ["log_pz", "logdet_t0_scale"]  # 0,1: no change of variables
@@ -275,7 +266,7 @@ BAD_MODULES = {
 def test_a_bad_module_is_one_line_exit_2_and_nothing_written(in_tmp, tiny_data, capsys, why):
     body, factory, expected = BAD_MODULES[why]
     src = module_file(in_tmp, body, f"bad_{abs(hash(why))}.py")
-    code, out, err = cli(["import", "python", f"{src}:{factory}", "--data", tiny_data,
+    code, out, err = run_cli(["import", "python", f"{src}:{factory}", "--data", tiny_data,
                           "--out", "runs/bad"], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert expected in err, err
@@ -300,7 +291,7 @@ def test_bad_options_are_one_line_exit_2(in_tmp, tiny_data, capsys):
         "an option of another kind": [f"{src}:make", "--hparams", "h.json"],
     }
     for why, argv in cases.items():
-        code, _, err = cli(["import", "python", *argv, "--data", tiny_data, "--out", "runs/x"], capsys)
+        code, _, err = run_cli(["import", "python", *argv, "--data", tiny_data, "--out", "runs/x"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, (why, err)
         assert not (in_tmp / "runs").exists(), why
 
@@ -318,7 +309,7 @@ def test_the_documented_example_module_fits_and_imports(in_tmp, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.fit(str(in_tmp / "blobs28.npy"), str(in_tmp / "pg.safetensors"))
-    code, out, err = cli(["import", "python", f"{example}:make", "--weights", "pg.safetensors",
+    code, out, err = run_cli(["import", "python", f"{example}:make", "--weights", "pg.safetensors",
                           "--input-range", "-1,1", "--data", in_tmp / "blobs28.npy",
                           "--out", "runs/pg"], capsys)
     assert code == 0, err
@@ -339,11 +330,11 @@ def test_a_full_disk_while_importing_leaves_no_run_and_the_retry_works(in_tmp, t
 
     monkeypatch.setattr(import_cmd, "save_checkpoint", full_disk)
     argv = ["import", "python", f"{src}:make", "--data", tiny_data, "--out", "runs/g"]
-    code, _, err = cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "no space left on device" in err.lower(), err
     assert not (in_tmp / "runs" / "g").exists()  # no folder, no lock, no temporary
     monkeypatch.setattr(import_cmd, "save_checkpoint", real_save)
-    code, _, err = cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     assert RunDir(in_tmp / "runs" / "g").model.exists()
