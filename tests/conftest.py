@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REAL_DATA = os.environ.get("OOD_AUDIT_DATA")
 
@@ -71,4 +72,21 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """The test's own folder as the working directory (runs/latest lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to oversubscribed CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blob_images(n: int, channels: int, size: int = 8, seed: int = 0):
+    """uint8 blobs as [N, C, H, W] and their dequantized x (float64)."""
+    k = torch.from_numpy(blobs(n, size=size, seed=seed, channels=channels))
+    k = k.permute(0, 3, 1, 2) if channels == 3 else k[:, None]
+    g = torch.Generator().manual_seed(seed)
+    return k, (k.double() + torch.rand(k.shape, generator=g, dtype=torch.float64)) / 256
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import blobs
+from conftest import blob_images
 
 from ood_audit.checkpoint import load_checkpoint, save_checkpoint
 from ood_audit.config import from_dict
@@ -20,22 +20,7 @@ from ood_audit.models.discretized import discretized_mix_logistic_log_prob, pixe
 from ood_audit.models.hvae import HVAE, HVAE_PRESETS, HVAEConfig
 from ood_audit.models.registry import build_model, resolve_model_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to oversubscribed CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _images(n, channels, size=8, seed=0):
-    """uint8 blobs as [N, C, H, W] and their dequantized x (float64)."""
-    k = torch.from_numpy(blobs(n, size=size, seed=seed, channels=channels))
-    k = k.permute(0, 3, 1, 2) if channels == 3 else k[:, None]
-    g = torch.Generator().manual_seed(seed)
-    return k, (k.double() + torch.rand(k.shape, generator=g, dtype=torch.float64)) / 256
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hvae(shape, seed=0, **kw) -> HVAE:
@@ -97,7 +82,7 @@ def _reference(model: HVAE, v: torch.Tensor, k: int):
 def test_terms_are_the_iwae_bound_and_extras_the_skip_bounds(channels):
     shape = (channels, 8, 8)
     model = _hvae(shape, iw_samples=5)
-    k, x = _images(3, channels)
+    k, x = blob_images(3, channels)
     torch.manual_seed(7)
     with torch.no_grad():
         terms, extras = model.score_columns(x)
@@ -133,7 +118,7 @@ def test_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z():
             head.bias[head.out_channels // 2:] = 50.0  # clamped to MAX_LOG_VAR
         model.q_top[-1].weight.zero_()
         model.q_top[-1].bias.zero_()
-    k, x = _images(4, 1)
+    k, x = blob_images(4, 1)
     v = pixels_to_centered(k.double())
     with torch.no_grad():
         state = model._top_state(torch.zeros(4, model.config.latents[-1], dtype=torch.float64))
@@ -154,7 +139,7 @@ def test_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z():
 
 def test_one_sample_gain_is_zero_and_bpd_is_minus_log2_pk_per_dim():
     model = _hvae((1, 8, 8), iw_samples=1)
-    _, x = _images(4, 1)
+    _, x = blob_images(4, 1)
     torch.manual_seed(1)
     with torch.no_grad():
         terms = model.log_prob_terms(x)
@@ -168,7 +153,7 @@ def test_bound_tightens_with_more_samples():
     """E[IWAE_1] <= E[IWAE_4] <= E[IWAE_32] (Burda et al. 2016, theorem 1) after a few
     training steps, with seeded draws; IWAE_1 is the one-draw ELBO estimate."""
     model = _hvae((1, 8, 8)).float().train()
-    _, x = _images(64, 1)
+    _, x = blob_images(64, 1)
     x = x.float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):
@@ -192,7 +177,7 @@ def test_bound_tightens_with_more_samples():
 
 def test_free_bits_mask_gradients_never_the_loss_value():
     shape = (1, 8, 8)
-    _, x = _images(16, 1)
+    _, x = blob_images(16, 1)
     x = x.float()
     plain = _hvae(shape).float().train()
     free = _hvae(shape, free_bits=1e6).float().train()
@@ -216,7 +201,7 @@ def test_free_bits_mask_gradients_never_the_loss_value():
 def test_a_few_training_steps_lower_the_loss_and_every_layer_carries_information(channels):
     shape = (channels, 8, 8)
     model = _hvae(shape, free_bits=0.5).float().train()
-    _, x = _images(64, channels)
+    _, x = blob_images(64, channels)
     x = x.float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []

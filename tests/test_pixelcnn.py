@@ -23,14 +23,7 @@ from ood_audit.models.pixelcnn import (
 )
 from ood_audit.models.registry import build_model, resolve_model_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to oversubscribed CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(shape, resolutions=1, seed=0, perturb=0.3, **kw) -> PixelCNN:

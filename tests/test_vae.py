@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import blobs
+from conftest import blob_images
 
 from ood_audit.config import from_dict
 from ood_audit.data.preprocess import bits_per_dim
@@ -18,22 +18,7 @@ from ood_audit.models.discretized import discretized_mix_logistic_log_prob, pixe
 from ood_audit.models.registry import build_model, resolve_model_config
 from ood_audit.models.vae import VAE, VAE_PRESETS, VAEConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to oversubscribed CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _images(n, channels, size=8, seed=0):
-    """uint8 blobs as [N, C, H, W] and their dequantized x."""
-    k = torch.from_numpy(blobs(n, size=size, seed=seed, channels=channels))
-    k = k.permute(0, 3, 1, 2) if channels == 3 else k[:, None]
-    g = torch.Generator().manual_seed(seed)
-    return k, (k.double() + torch.rand(k.shape, generator=g, dtype=torch.float64)) / 256
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vae(shape, seed=0, **kw) -> VAE:
@@ -47,7 +32,7 @@ def test_terms_are_the_iwae_bound(channels):
     evaluated here independently from the same z draws."""
     shape = (channels, 8, 8)
     model = _vae(shape, iw_samples=5)
-    k, x = _images(3, channels)
+    k, x = blob_images(3, channels)
     torch.manual_seed(7)
     terms = model.log_prob_terms(x)
     assert list(terms) == ["recon", "neg_kl", "iw_gain"]
@@ -79,7 +64,7 @@ def test_one_sample_gain_is_zero_and_bpd_is_minus_log2_pk_per_dim():
     shape = (1, 8, 8)
     model = _vae(shape)
     model.set_score_option("iw_samples", 1)
-    k, x = _images(4, 1)
+    k, x = blob_images(4, 1)
     torch.manual_seed(1)
     terms = model.log_prob_terms(x)
     assert torch.equal(terms["iw_gain"], torch.zeros(4, dtype=torch.float64))
@@ -98,7 +83,7 @@ def test_bound_tightens_with_more_samples():
     2016, theorem 1), on a briefly trained model with a fixed batch and seeded draws."""
     shape = (1, 8, 8)
     model = _vae(shape).float()
-    _, x = _images(64, 1)
+    _, x = blob_images(64, 1)
     x = x.float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):
@@ -157,7 +142,7 @@ def test_odd_and_even_sizes_and_registry(shape):
 def test_a_few_training_steps_lower_the_loss(channels):
     shape = (channels, 8, 8)
     model = _vae(shape).float().train()
-    _, x = _images(64, channels)
+    _, x = blob_images(64, channels)
     x = x.float()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
